@@ -1,0 +1,1 @@
+"""analysis: neural-collapse metrics, Neural Feature Ansatz correlations and collapse curves."""
