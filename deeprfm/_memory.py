@@ -1,0 +1,90 @@
+"""Device, dtype and memory-budget resolution shared by every blocked computation."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+#: Fraction of the free memory that a computation may use when no budget is given.
+DEFAULT_FREE_FRACTION = 0.3
+#: Upper bound of the default CPU budget in bytes: blocks beyond this are no faster.
+DEFAULT_CPU_CAP = 4 * 1024**3
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Return the torch device to compute on.
+
+    Parameters
+    ----------
+    device : str, torch.device or None
+        ``None`` selects CUDA when available, else the CPU.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be a torch device or its name, got {device!r}") from err
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """Return a floating torch dtype (float32 or float64) given a dtype or its name."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        return _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    return dtype
+
+
+def _available_host_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX hosts
+        return 8 * 1024**3
+
+
+def memory_budget(memory_gb: float | None, device: torch.device) -> int:
+    """Return the memory budget in bytes for blocked computations on ``device``.
+
+    Parameters
+    ----------
+    memory_gb : float or None
+        Explicit budget in GiB. ``None`` takes a safe fraction of the free memory
+        of the device (CUDA: free device memory; CPU: available RAM, capped).
+    device : torch.device
+        Where the computation runs.
+    """
+    if memory_gb is not None:
+        if isinstance(memory_gb, bool) or not isinstance(memory_gb, (int, float)):
+            raise TypeError(f"memory_gb must be a positive number or None, got {memory_gb!r}")
+        if not memory_gb > 0:
+            raise ValueError(f"memory_gb must be positive, got {memory_gb!r}")
+        return int(memory_gb * 1024**3)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(DEFAULT_FREE_FRACTION * free)
+    return int(min(DEFAULT_FREE_FRACTION * _available_host_bytes(), DEFAULT_CPU_CAP))
+
+
+def rows_per_block(budget_bytes: int, bytes_per_row: int, total_rows: int, minimum: int = 1) -> int:
+    """Number of rows of a blocked computation that fit in ``budget_bytes``.
+
+    Parameters
+    ----------
+    budget_bytes : int
+        Memory allowed for one block.
+    bytes_per_row : int
+        Memory one row of the block needs.
+    total_rows : int
+        Rows in total; the result never exceeds it.
+    minimum : int
+        Rows always allowed, even when the budget is smaller (a block of this many
+        rows is the least work that can make progress).
+    """
+    rows = budget_bytes // max(bytes_per_row, 1)
+    return int(max(min(rows, total_rows), min(minimum, total_rows), 1))

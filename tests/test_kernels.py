@@ -1,0 +1,92 @@
+"""Kernels: values against direct formulas, blocking, validation."""
+
+import math
+
+import pytest
+import torch
+from conftest import direct_sq_distances, random_psd
+
+from deeprfm.kernels import (
+    GaussianKernel,
+    GeneralizedLaplaceKernel,
+    LaplaceKernel,
+    make_kernel,
+    sq_distances,
+)
+
+KERNELS = [LaplaceKernel(2.0), GaussianKernel(1.5), GeneralizedLaplaceKernel(2.0, 0.7)]
+
+
+def _reference(kernel, sq):
+    r = sq.sqrt()
+    if isinstance(kernel, GeneralizedLaplaceKernel):
+        return torch.exp(-(r**kernel.exponent) / kernel.bandwidth**kernel.exponent)
+    if isinstance(kernel, LaplaceKernel):
+        return torch.exp(-r / kernel.bandwidth)
+    return torch.exp(-(r**2) / (2 * kernel.bandwidth**2))
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
+def test_kernel_matches_direct_formula(kernel):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    Z = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    M = random_psd(5, g)
+    expected = _reference(kernel, direct_sq_distances(X, Z, M))
+    torch.testing.assert_close(kernel(X, Z, M), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_sq_distances_clamped_and_exact_zero_on_diagonal():
+    g = torch.Generator().manual_seed(1)
+    X = 100 * torch.randn(50, 8, generator=g)
+    sq = sq_distances(X, X)
+    assert (sq >= 0).all()
+    assert (torch.diagonal(sq) == 0).all()
+
+
+@pytest.mark.parametrize("memory_gb", [1e-6, 1e-4, 1.0])
+def test_blocked_kernel_does_not_depend_on_budget(memory_gb):
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(300, 7, generator=g, dtype=torch.float64)
+    Z = torch.randn(90, 7, generator=g, dtype=torch.float64)
+    alpha = torch.randn(90, 3, generator=g, dtype=torch.float64)
+    kernel = LaplaceKernel(3.0)
+    full = kernel.from_sq_dist(sq_distances(X, Z))
+    torch.testing.assert_close(kernel(X, Z, memory_gb=memory_gb), full)
+    torch.testing.assert_close(kernel.apply(X, Z, alpha, memory_gb=memory_gb), full @ alpha)
+
+
+def test_generalized_laplace_with_exponent_one_is_laplace():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(GeneralizedLaplaceKernel(2.0, 1.0)(X, X), LaplaceKernel(2.0)(X, X))
+
+
+def test_gradient_weight_is_zero_at_zero_distance():
+    sq = torch.tensor([0.0, 4.0], dtype=torch.float64)
+    for kernel in (LaplaceKernel(2.0), GeneralizedLaplaceKernel(2.0, 0.5)):
+        w = kernel.gradient_weight(kernel.from_sq_dist(sq), sq)
+        assert w[0] == 0 and math.isfinite(w[1]) and w[1] > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"kernel": "cosine"}, ValueError, "kernel must be one of"),
+        ({"kernel": 3}, TypeError, "kernel must be"),
+        ({"kernel": "laplace", "bandwidth": 0.0}, ValueError, "bandwidth"),
+        ({"kernel": "laplace", "bandwidth": -1.0}, ValueError, "bandwidth"),
+        ({"kernel": "laplace", "bandwidth": "10"}, TypeError, "bandwidth"),
+        ({"kernel": "gen_laplace", "exponent": 2.5}, ValueError, "exponent"),
+        ({"kernel": "gen_laplace", "exponent": 0.0}, ValueError, "exponent"),
+    ],
+)
+def test_make_kernel_rejects_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        make_kernel(**kwargs)
+
+
+def test_make_kernel_passes_instances_through():
+    kernel = GaussianKernel(4.0)
+    assert make_kernel(kernel) is kernel
+    assert make_kernel("gen_laplace", 2.0, 1.5).exponent == 1.5
