@@ -1,3 +1,30 @@
-"""deeprfm: Recursive Feature Machines, Deep RFM and neural-collapse analysis."""
+"""deeprfm: Recursive Feature Machines, Deep RFM and neural-collapse analysis.
+
+The estimators follow scikit-learn's conventions and compute with torch on the CPU or a GPU.
+"""
+
+from deeprfm.agop import agop, kernel_agop, normalize_matrix, psd_power
+from deeprfm.kernels import (
+    GaussianKernel,
+    GeneralizedLaplaceKernel,
+    Kernel,
+    LaplaceKernel,
+    make_kernel,
+)
+from deeprfm.rfm import RFMClassifier, RFMRegressor
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "GaussianKernel",
+    "GeneralizedLaplaceKernel",
+    "Kernel",
+    "LaplaceKernel",
+    "RFMClassifier",
+    "RFMRegressor",
+    "agop",
+    "kernel_agop",
+    "make_kernel",
+    "normalize_matrix",
+    "psd_power",
+]

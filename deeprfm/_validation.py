@@ -1,0 +1,62 @@
+"""Checks of user input shared by the estimators; every error names the argument."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+from sklearn.utils.validation import check_array
+
+
+def as_numpy(data):
+    """Torch tensors to numpy (host copy if needed); anything else unchanged."""
+    if isinstance(data, torch.Tensor):
+        return data.detach().cpu().numpy()
+    return data
+
+
+def to_tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A numpy array as a tensor on ``device`` with ``dtype``.
+
+    Shares memory with ``array`` when it can (callers never modify it in place); a read-only
+    array is copied, as torch tensors cannot be read-only.
+    """
+    array = np.asarray(array)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.as_tensor(array, dtype=dtype, device=device)
+
+
+def check_number(
+    value,
+    name: str,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    low_inclusive: bool = True,
+) -> None:
+    """Raise TypeError/ValueError unless ``value`` is a (integer) number ≥ / > ``low``."""
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        expected = "an integer" if integer else "a number"
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if low is not None and (value < low or (not low_inclusive and value == low)):
+        relation = ">=" if low_inclusive else ">"
+        raise ValueError(f"{name} must be {relation} {low}, got {value!r}")
+
+
+def check_bool(value, name: str) -> None:
+    """Raise TypeError unless ``value`` is a bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_square_matrix(matrix, name: str, size: int) -> np.ndarray:
+    """A finite (size, size) float array, or a clear ValueError naming ``name``."""
+    array = check_array(as_numpy(matrix), dtype=np.float64, input_name=name)
+    if array.shape != (size, size):
+        raise ValueError(f"{name} must have shape ({size}, {size}), got {array.shape}")
+    return array

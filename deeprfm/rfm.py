@@ -1,0 +1,429 @@
+"""Recursive Feature Machines: kernel regression that learns its Mahalanobis metric by AGOP.
+
+M₀ = I (or ``M_init``); for t = 0, 1, …, ``iters``: fit α_t with the kernel K_{M_t}, record
+train/validation metrics, and (for t < ``iters``) set M_{t+1} to the normalised power of the
+AGOP of the fitted predictor. Iteration 0 is plain kernel regression. With a validation set
+and ``early_stopping`` the best iteration is kept, otherwise the last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xarray as xr
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+from tqdm.auto import tqdm
+
+from deeprfm._memory import resolve_device, resolve_dtype
+from deeprfm._validation import (
+    as_numpy,
+    check_bool,
+    check_number,
+    check_square_matrix,
+    to_tensor,
+)
+from deeprfm.agop import _NORMALIZATIONS, kernel_agop, normalize_matrix, psd_power
+from deeprfm.kernels import Kernel, make_kernel
+from deeprfm.solvers import make_solver
+
+__all__ = ["RFMClassifier", "RFMRegressor"]
+
+logger = logging.getLogger("deeprfm")
+
+_METRIC_ATTRS = {
+    "train_acc": (
+        "training accuracy",
+        "fraction of training points whose argmax output is the label",
+    ),
+    "val_acc": (
+        "validation accuracy",
+        "fraction of eval_set points whose argmax output is the label",
+    ),
+    "train_mse": ("training mean squared error", "mean over points and outputs of (f(x) - y)^2"),
+    "val_mse": (
+        "validation mean squared error",
+        "mean over eval_set points and outputs of (f(x) - y)^2",
+    ),
+    "solve_seconds": ("seconds in the kernel solve", "wall-clock seconds to fit alpha"),
+    "agop_seconds": ("seconds in the AGOP", "wall-clock seconds to compute the next metric M"),
+    "seconds": ("seconds per iteration", "wall-clock seconds of the whole iteration"),
+}
+
+
+@dataclass
+class _Candidate:
+    """The predictor of one iteration: its metric M, coefficients α and scores."""
+
+    iteration: int
+    M: torch.Tensor
+    alpha: torch.Tensor
+    scores: dict[str, float]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _BaseRFM(BaseEstimator):
+    """Shared fitting loop of :class:`RFMRegressor` and :class:`RFMClassifier`."""
+
+    def __init__(
+        self,
+        kernel: str | Kernel = "laplace",
+        bandwidth: float = 10.0,
+        reg: float = 1e-3,
+        iters: int = 5,
+        exponent: float = 1.0,
+        diag: bool = False,
+        centering: bool = False,
+        agop_power: float = 1.0,
+        agop_samples: int = 20000,
+        normalize: str | None = "max",
+        solver="auto",
+        early_stopping: bool = True,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str = torch.float32,
+        memory_gb: float | None = None,
+        random_state: int | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self.kernel = kernel
+        self.bandwidth = bandwidth
+        self.reg = reg
+        self.iters = iters
+        self.exponent = exponent
+        self.diag = diag
+        self.centering = centering
+        self.agop_power = agop_power
+        self.agop_samples = agop_samples
+        self.normalize = normalize
+        self.solver = solver
+        self.early_stopping = early_stopping
+        self.device = device
+        self.dtype = dtype
+        self.memory_gb = memory_gb
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # -- what classifier and regressor do differently ------------------------------------
+
+    def _encode_targets(self, y: np.ndarray) -> np.ndarray:
+        """Training targets (n, c) as floats; sets the target attributes (``classes_``)."""
+        raise NotImplementedError
+
+    def _scores(self, outputs: torch.Tensor, targets: torch.Tensor, prefix: str) -> dict:
+        """Metrics of predictions (m, c) against encoded targets (m, c)."""
+        return {f"{prefix}_mse": float(((outputs - targets) ** 2).mean())}
+
+    def _preference(self, scores: dict[str, float]) -> tuple:
+        """Sort key of a candidate on validation scores: larger is better."""
+        return (-scores["val_mse"],)
+
+    # -- fitting -------------------------------------------------------------------------
+
+    def _check_params(self) -> Kernel:
+        check_number(self.reg, "reg", low=0)
+        check_number(self.iters, "iters", integer=True, low=0)
+        check_number(self.agop_power, "agop_power", low=0, low_inclusive=False)
+        check_number(self.agop_samples, "agop_samples", integer=True, low=1)
+        for flag in ("diag", "centering", "early_stopping", "verbose"):
+            check_bool(getattr(self, flag), flag)
+        if self.normalize not in _NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {_NORMALIZATIONS}, got {self.normalize!r}")
+        if self.memory_gb is not None:
+            check_number(self.memory_gb, "memory_gb", low=0, low_inclusive=False)
+        return make_kernel(self.kernel, self.bandwidth, self.exponent)
+
+    def fit(self, X, y, eval_set=None, M_init=None):
+        """Fit the RFM.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor, shape (n_samples, n_features)
+            Training inputs.
+        y : array-like, shape (n_samples,) or (n_samples, n_outputs)
+            Labels (classifier) or targets (regressor).
+        eval_set : tuple (X_val, y_val), optional
+            Validation data, scored at every iteration; with ``early_stopping`` the best
+            iteration on it is kept.
+        M_init : array-like, shape (n_features, n_features), optional
+            Initial metric (e.g. ``M_`` of an earlier fit, to warm-start); default identity.
+
+        Returns
+        -------
+        self
+        """
+        kernel = self._check_params()
+        device, dtype = resolve_device(self.device), resolve_dtype(self.dtype)
+        X, y = validate_data(
+            self,
+            as_numpy(X),
+            as_numpy(y),
+            dtype=[np.float64, np.float32],
+            multi_output=isinstance(self, RegressorMixin),
+            y_numeric=isinstance(self, RegressorMixin),
+        )
+        if isinstance(self, RegressorMixin):
+            y = check_array(y, ensure_2d=False, input_name="y", dtype=np.float64)
+        Y = to_tensor(self._encode_targets(y), device, dtype)
+        validation = None
+        if eval_set is not None:
+            validation = self._check_eval_set(eval_set, device, dtype)
+        M0 = None
+        if M_init is not None:
+            M0 = to_tensor(check_square_matrix(M_init, "M_init", X.shape[1]), device, dtype)
+        self._fit_tensors(kernel, to_tensor(X, device, dtype), Y, validation, M0)
+        return self
+
+    def _check_eval_set(self, eval_set, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(eval_set, (tuple, list)) or len(eval_set) != 2:
+            raise TypeError("eval_set must be a pair (X_val, y_val)")
+        X_val = check_array(as_numpy(eval_set[0]), dtype=np.float64, input_name="eval_set X")
+        y_val = check_array(
+            as_numpy(eval_set[1]), ensure_2d=False, dtype=None, input_name="eval_set y"
+        )
+        if X_val.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"eval_set X has {X_val.shape[1]} features, but {type(self).__name__} is "
+                f"fitted on {self.n_features_in_}"
+            )
+        if len(X_val) != len(y_val):
+            raise ValueError(
+                f"eval_set X and y have different lengths: {len(X_val)} and {len(y_val)}"
+            )
+        return to_tensor(X_val, device, dtype), to_tensor(
+            self._encode_eval_targets(y_val), device, dtype
+        )
+
+    def _encode_eval_targets(self, y: np.ndarray) -> np.ndarray:
+        targets = np.asarray(y, dtype=np.float64)
+        return targets[:, None] if targets.ndim == 1 else targets
+
+    def _fit_tensors(
+        self,
+        kernel: Kernel,
+        X: torch.Tensor,
+        Y: torch.Tensor,
+        validation: tuple[torch.Tensor, torch.Tensor] | None,
+        M_init: torch.Tensor | None,
+    ) -> None:
+        """The RFM loop on validated tensors (n, d) and targets (n, c) on one device."""
+        n, d = X.shape
+        solver = make_solver(
+            self.solver,
+            n,
+            itemsize=X.element_size(),
+            device=X.device,
+            memory_gb=self.memory_gb,
+            random_state=self.random_state,
+            verbose=self.verbose,
+        )
+        rng = check_random_state(self.random_state)
+        agop_points = X
+        if n > self.agop_samples:
+            agop_points = X[
+                torch.as_tensor(np.sort(rng.choice(n, self.agop_samples, replace=False)))
+            ]
+        M = torch.eye(d, dtype=X.dtype, device=X.device) if M_init is None else M_init
+        rows, candidates = [], []
+        for iteration in tqdm(range(self.iters + 1), desc="RFM", disable=not self.verbose):
+            start = time.perf_counter()
+            fit = solver.solve(kernel, X, Y, M, self.reg, eval_set=validation)
+            _synchronize(X.device)
+            solved = time.perf_counter()
+            scores = self._scores(fit.fitted, Y, "train")
+            if validation is not None:
+                outputs = kernel.apply(validation[0], X, fit.alpha, M, memory_gb=self.memory_gb)
+                scores |= self._scores(outputs, validation[1], "val")
+            candidates.append(_Candidate(iteration, M, fit.alpha, scores))
+            agop_start = time.perf_counter()
+            if iteration < self.iters:
+                agop = kernel_agop(
+                    kernel,
+                    X,
+                    fit.alpha,
+                    M,
+                    agop_points,
+                    centering=self.centering,
+                    diag=self.diag,
+                    memory_gb=self.memory_gb,
+                )
+                M = normalize_matrix(psd_power(agop, self.agop_power), self.normalize)
+                _synchronize(X.device)
+            end = time.perf_counter()
+            rows.append(
+                scores
+                | {
+                    "solve_seconds": solved - start,
+                    "agop_seconds": end - agop_start,
+                    "seconds": end - start,
+                }
+            )
+            logger.info("RFM iteration %d: %s", iteration, _format_scores(rows[-1]))
+        best = candidates[-1]
+        if validation is not None and self.early_stopping:
+            best = max(candidates, key=lambda c: (self._preference(c.scores), -c.iteration))
+        self.X_fit_ = X
+        self.kernel_ = kernel
+        self.M_ = best.M.cpu().numpy().astype(np.float64)
+        self.alpha_ = best.alpha.cpu().numpy().astype(np.float64)
+        self.best_iter_ = best.iteration
+        self.history_ = self._history(rows)
+        self._M_fit = best.M
+        self._alpha_fit = best.alpha
+
+    def _history(self, rows: list[dict]) -> xr.Dataset:
+        data = {name: ("iteration", np.array([row[name] for row in rows])) for name in rows[0]}
+        history = xr.Dataset(data, coords={"iteration": np.arange(len(rows))})
+        for name in history.data_vars:
+            long_name, definition = _METRIC_ATTRS[name]
+            history[name].attrs = {"long_name": long_name, "definition": definition}
+        params = {k: v for k, v in self.get_params().items() if k not in ("dtype", "device")}
+        history.attrs = {
+            "estimator": type(self).__name__,
+            "best_iteration": int(self.best_iter_),
+            "params": json.dumps(params, default=str),
+        }
+        return history
+
+    # -- prediction ----------------------------------------------------------------------
+
+    def _outputs(self, X) -> torch.Tensor:
+        """Predictor outputs (m, c) at new points, as a tensor on the fitted device."""
+        check_is_fitted(self, "alpha_")
+        X = validate_data(self, as_numpy(X), reset=False, dtype=[np.float64, np.float32])
+        Z = to_tensor(X, self.X_fit_.device, self.X_fit_.dtype)
+        return self.kernel_.apply(
+            Z, self.X_fit_, self._alpha_fit, self._M_fit, memory_gb=self.memory_gb
+        )
+
+
+def _format_scores(row: dict) -> str:
+    return ", ".join(f"{name}={value:.4g}" for name, value in row.items())
+
+
+class RFMRegressor(RegressorMixin, _BaseRFM):
+    """Recursive Feature Machine for regression (single or multiple outputs).
+
+    Parameters
+    ----------
+    kernel : {"laplace", "gaussian", "gen_laplace"} or Kernel
+        Kernel of the machine.
+    bandwidth : float
+        Kernel length scale L > 0.
+    reg : float
+        Ridge λ ≥ 0 of the kernel regression.
+    iters : int
+        Number of AGOP updates of the metric (iteration 0 is plain kernel regression).
+    exponent : float
+        γ in (0, 2] of the generalised Laplace kernel.
+    diag : bool
+        Keep only the diagonal of the AGOP (a learned per-feature scaling).
+    centering : bool
+        Subtract the mean gradient before the outer products.
+    agop_power : float
+        M = AGOP^p (via ``eigh``, negative eigenvalues clamped).
+    agop_samples : int
+        Evaluation points of the AGOP: a random subsample of the training points of at most
+        this size (all centres are always used).
+    normalize : {"max", "trace", "spectral", None}
+        Scaling of M after each update ("max": divide by the largest entry).
+    solver : {"auto", "direct", "eigenpro"} or KernelSolver
+        Kernel ridge regression solver; "auto" picks by the memory budget.
+    early_stopping : bool
+        With ``eval_set``: keep the iteration with the best validation score.
+    device : str or torch.device, optional
+        Computation device; default CUDA when available, else CPU.
+    dtype : torch.float32 or torch.float64
+    memory_gb : float, optional
+        Memory budget of the blocked computations; default a safe fraction of free memory.
+    random_state : int, optional
+        Seed of the AGOP subsample and of iterative solvers.
+    verbose : bool
+        Progress bar over iterations.
+
+    Attributes
+    ----------
+    M_ : ndarray, shape (n_features, n_features)
+        Metric of the kept predictor.
+    alpha_ : ndarray, shape (n_samples, n_outputs)
+        Coefficients of the kept predictor.
+    best_iter_ : int
+        Iteration of the kept predictor.
+    history_ : xarray.Dataset
+        Per-iteration metrics and seconds, dim ``iteration``.
+    X_fit_ : torch.Tensor, shape (n_samples, n_features)
+        Training inputs (the kernel centres) on the computation device.
+    n_features_in_ : int
+    """
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
+
+    def _encode_targets(self, y: np.ndarray) -> np.ndarray:
+        self._single_output = y.ndim == 1
+        return self._encode_eval_targets(y)
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted targets, shape (n_samples,) or (n_samples, n_outputs)."""
+        outputs = self._outputs(X).cpu().numpy().astype(np.float64)
+        return outputs[:, 0] if self._single_output else outputs
+
+
+class RFMClassifier(ClassifierMixin, _BaseRFM):
+    """Recursive Feature Machine for classification (one-hot kernel regression).
+
+    Parameters are those of :class:`RFMRegressor`. Labels may be of any type (ints, strings);
+    the machine regresses their one-hot encoding and predicts the argmax.
+
+    Attributes
+    ----------
+    classes_ : ndarray, shape (n_classes,)
+        The class labels.
+    M_, alpha_, best_iter_, history_, X_fit_, n_features_in_
+        As in :class:`RFMRegressor`; ``history_`` also holds accuracies.
+    """
+
+    def _encode_targets(self, y: np.ndarray) -> np.ndarray:
+        check_classification_targets(y)
+        self.classes_, encoded = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(
+                f"y must contain samples of at least 2 classes, got 1 class: {self.classes_[0]!r}"
+            )
+        return np.eye(len(self.classes_))[encoded]
+
+    def _encode_eval_targets(self, y: np.ndarray) -> np.ndarray:
+        unseen = np.setdiff1d(y, self.classes_)
+        if len(unseen):
+            raise ValueError(f"eval_set y has labels not seen in y: {unseen[:5].tolist()}")
+        return np.eye(len(self.classes_))[np.searchsorted(self.classes_, y)]
+
+    def _scores(self, outputs: torch.Tensor, targets: torch.Tensor, prefix: str) -> dict:
+        accuracy = (outputs.argmax(dim=1) == targets.argmax(dim=1)).double().mean()
+        return {f"{prefix}_acc": float(accuracy)} | super()._scores(outputs, targets, prefix)
+
+    def _preference(self, scores: dict[str, float]) -> tuple:
+        return (scores["val_acc"], -scores["val_mse"])
+
+    def decision_function(self, X) -> np.ndarray:
+        """Predictor outputs: shape (n_samples, n_classes), or (n_samples,) for two classes
+        (positive favours ``classes_[1]``)."""
+        outputs = self._outputs(X).cpu().numpy().astype(np.float64)
+        return outputs[:, 1] - outputs[:, 0] if len(self.classes_) == 2 else outputs
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted labels, shape (n_samples,)."""
+        winners = self._outputs(X).argmax(dim=1).cpu().numpy()
+        return self.classes_[winners]

@@ -1,0 +1,89 @@
+"""Direct kernel ridge regression: a Cholesky factorisation of K + λI."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from deeprfm.kernels import Kernel
+from deeprfm.solvers.base import KernelFit, KernelSolver
+
+logger = logging.getLogger("deeprfm")
+
+#: Attempts, each with ten times the jitter of the last, before the solve gives up.
+_JITTER_ATTEMPTS = 8
+
+
+class DirectSolver(KernelSolver):
+    """Kernel ridge regression by a dense factorisation of the n×n kernel matrix.
+
+    λ > 0: Cholesky of K + λI; if it fails (a numerically singular matrix), the factorisation
+    is retried with a growing jitter added to the diagonal, with a warning. λ = 0: a
+    minimum-norm least-squares solution through the pseudo-inverse (``eigh``).
+    Memory: two n×n matrices.
+
+    Parameters
+    ----------
+    memory_gb : float, optional
+        Budget for building the kernel matrix in blocks.
+    """
+
+    name = "direct"
+
+    def __init__(self, memory_gb: float | None = None) -> None:
+        self.memory_gb = memory_gb
+
+    def solve(
+        self,
+        kernel: Kernel,
+        X: torch.Tensor,
+        Y: torch.Tensor,
+        M: torch.Tensor | None = None,
+        reg: float = 0.0,
+        eval_set: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> KernelFit:
+        K = kernel(X, X, M, memory_gb=self.memory_gb)
+        if reg == 0:
+            return _pseudo_inverse_solve(K, Y)
+        return _cholesky_solve(K, Y, reg)
+
+
+def _cholesky_solve(K: torch.Tensor, Y: torch.Tensor, reg: float) -> KernelFit:
+    diagonal = torch.diagonal(K)
+    diagonal += reg
+    factor, status = torch.linalg.cholesky_ex(K)
+    jitter = 0.0
+    scale = float(diagonal.mean()) * torch.finfo(K.dtype).eps
+    for attempt in range(_JITTER_ATTEMPTS):
+        if int(status) == 0:
+            break
+        step = scale * 10.0 ** (attempt + 1)
+        diagonal += step - jitter
+        jitter = step
+        factor, status = torch.linalg.cholesky_ex(K)
+    if int(status) != 0:
+        raise torch.linalg.LinAlgError(
+            "the kernel matrix is not positive definite even with a jitter of "
+            f"{jitter:.3g}; increase reg or use float64"
+        )
+    if jitter:
+        warnings.warn(
+            f"Cholesky of K + reg·I failed; added a jitter of {jitter:.3g} to the diagonal "
+            "(increase reg or use float64 to avoid this)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        logger.warning("direct solve needed a jitter of %.3g", jitter)
+    alpha = torch.cholesky_solve(Y, factor)
+    return KernelFit(alpha, Y - (reg + jitter) * alpha, {"jitter": jitter})
+
+
+def _pseudo_inverse_solve(K: torch.Tensor, Y: torch.Tensor) -> KernelFit:
+    values, vectors = torch.linalg.eigh(K)
+    cutoff = values.abs().max() * K.shape[0] * torch.finfo(K.dtype).eps
+    kept = vectors[:, values > cutoff]
+    coords = kept.T @ Y
+    alpha = kept @ (coords / values[values > cutoff, None])
+    return KernelFit(alpha, kept @ coords, {"rank": kept.shape[1]})
