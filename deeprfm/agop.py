@@ -102,7 +102,7 @@ def kernel_agop(
         for first in range(0, n, centre_rows):
             centres = slice(first, first + centre_rows)
             sq = _sq_distances_from(X[centres], x_sq[centres], ZM, z_sq)  # (t, b)
-            weights = kernel.gradient_weight(kernel.from_sq_dist(sq), sq)  # (t, b)
+            _, weights = kernel.value_and_weight(sq)  # (t, b)
             a = alpha[centres]  # (t, c)
             per_class = weights.T[:, None, :] * a.T[None, :, :]  # (b, c, t)
             v += (per_class.reshape(-1, a.shape[0]) @ X[centres]).view(-1, c, d)

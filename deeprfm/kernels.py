@@ -46,8 +46,8 @@ def _sq_distances_from(
     """‖x_i − z_j‖²_M (n×m) given X, ‖x‖²_M, Z M and ‖z‖²_M; rounding noise set to 0."""
     scale = x_sq[:, None] + z_sq[None, :]
     sq = torch.addmm(scale, X, ZM.T, alpha=-2.0)
-    tol = _CANCELLATION_EPS * torch.finfo(sq.dtype).eps
-    return torch.where(sq > tol * scale, sq, torch.zeros((), dtype=sq.dtype, device=sq.device))
+    scale.mul_(_CANCELLATION_EPS * torch.finfo(sq.dtype).eps)
+    return sq.masked_fill_(sq <= scale, 0.0)
 
 
 def sq_distances(X: torch.Tensor, Z: torch.Tensor, M: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,6 +100,11 @@ class Kernel(ABC):
 
     #: Largest value of k(x, x) over all x (β in EigenPro); 1 for every kernel here.
     max_diagonal: float = 1.0
+
+    def value_and_weight(self, sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel values and gradient weights from squared distances (may reuse ``sq``)."""
+        K = self.from_sq_dist(sq)
+        return K, self.gradient_weight(K, sq)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(bandwidth={self.bandwidth!r})"
@@ -194,6 +199,13 @@ class LaplaceKernel(Kernel):
         dist = sq.sqrt()
         safe = torch.where(dist > 0, dist, torch.ones_like(dist))
         return torch.where(dist > 0, K / (self.bandwidth * safe), torch.zeros_like(K))
+
+    def value_and_weight(self, sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel values and weights K/(L·r), sharing one square root; overwrites ``sq``."""
+        dist = sq.sqrt_()
+        K = torch.exp(dist * (-1.0 / self.bandwidth))
+        weight = K / dist  # +inf where dist = 0
+        return K, weight.masked_fill_(dist == 0, 0.0).mul_(1.0 / self.bandwidth)
 
 
 class GaussianKernel(Kernel):

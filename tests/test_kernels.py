@@ -90,3 +90,12 @@ def test_make_kernel_passes_instances_through():
     kernel = GaussianKernel(4.0)
     assert make_kernel(kernel) is kernel
     assert make_kernel("gen_laplace", 2.0, 1.5).exponent == 1.5
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
+def test_value_and_weight_agrees_with_separate_calls(kernel):
+    sq = torch.tensor([0.0, 0.25, 4.0, 9.0], dtype=torch.float64)
+    K = kernel.from_sq_dist(sq)
+    values, weights = kernel.value_and_weight(sq.clone())
+    torch.testing.assert_close(values, K)
+    torch.testing.assert_close(weights, kernel.gradient_weight(K, sq))
