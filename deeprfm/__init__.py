@@ -4,6 +4,7 @@ The estimators follow scikit-learn's conventions and compute with torch on the C
 """
 
 from deeprfm.agop import agop, kernel_agop, normalize_matrix, psd_power
+from deeprfm.deep import DeepRFM
 from deeprfm.kernels import (
     GaussianKernel,
     GeneralizedLaplaceKernel,
@@ -16,6 +17,7 @@ from deeprfm.rfm import RFMClassifier, RFMRegressor
 __version__ = "0.1.0"
 
 __all__ = [
+    "DeepRFM",
     "GaussianKernel",
     "GeneralizedLaplaceKernel",
     "Kernel",

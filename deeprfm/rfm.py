@@ -8,7 +8,6 @@ and ``early_stopping`` the best iteration is kept, otherwise the last.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -32,6 +31,13 @@ from deeprfm._validation import (
 )
 from deeprfm.agop import _NORMALIZATIONS, kernel_agop, normalize_matrix, psd_power
 from deeprfm.kernels import Kernel, make_kernel
+from deeprfm.persist import (
+    jsonable_params,
+    load_state,
+    params_json,
+    restore_params,
+    save_state,
+)
 from deeprfm.solvers import make_solver
 
 __all__ = ["RFMClassifier", "RFMRegressor"]
@@ -185,24 +191,9 @@ class _BaseRFM(BaseEstimator):
         return self
 
     def _check_eval_set(self, eval_set, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(eval_set, (tuple, list)) or len(eval_set) != 2:
-            raise TypeError("eval_set must be a pair (X_val, y_val)")
-        X_val = check_array(as_numpy(eval_set[0]), dtype=np.float64, input_name="eval_set X")
-        y_val = check_array(
-            as_numpy(eval_set[1]), ensure_2d=False, dtype=None, input_name="eval_set y"
-        )
-        if X_val.shape[1] != self.n_features_in_:
-            raise ValueError(
-                f"eval_set X has {X_val.shape[1]} features, but {type(self).__name__} is "
-                f"fitted on {self.n_features_in_}"
-            )
-        if len(X_val) != len(y_val):
-            raise ValueError(
-                f"eval_set X and y have different lengths: {len(X_val)} and {len(y_val)}"
-            )
-        return to_tensor(X_val, device, dtype), to_tensor(
-            self._encode_eval_targets(y_val), device, dtype
-        )
+        X_val, y_val = check_eval_set(eval_set, self.n_features_in_)
+        targets = self._encode_eval_targets(y_val)
+        return to_tensor(X_val, device, dtype), to_tensor(targets, device, dtype)
 
     def _encode_eval_targets(self, y: np.ndarray) -> np.ndarray:
         targets = np.asarray(y, dtype=np.float64)
@@ -287,15 +278,52 @@ class _BaseRFM(BaseEstimator):
         for name in history.data_vars:
             long_name, definition = _METRIC_ATTRS[name]
             history[name].attrs = {"long_name": long_name, "definition": definition}
-        params = {k: v for k, v in self.get_params().items() if k not in ("dtype", "device")}
         history.attrs = {
             "estimator": type(self).__name__,
             "best_iteration": int(self.best_iter_),
-            "params": json.dumps(params, default=str),
+            "params": params_json(self),
         }
         return history
 
     # -- prediction ----------------------------------------------------------------------
+
+    def save(self, path) -> None:
+        """Save the fitted model: tensors plus a JSON configuration (no pickled code)."""
+        check_is_fitted(self, "alpha_")
+        config = {
+            "kind": type(self).__name__,
+            "params": jsonable_params(self),
+            "targets": self._target_config(),
+            "best_iter": int(self.best_iter_),
+            "history": self.history_.to_dict(),
+        }
+        tensors = {"X_fit": self.X_fit_, "M": self._M_fit, "alpha": self._alpha_fit}
+        save_state(path, config, tensors)
+
+    @classmethod
+    def load(cls, path, device: str | torch.device | None = None):
+        """Load a model written by :meth:`save` (``torch.load(weights_only=True)``).
+
+        Parameters
+        ----------
+        path : str or Path
+        device : str or torch.device, optional
+            Where to put the model; default the device it was saved with.
+        """
+        config, tensors = load_state(path, cls.__name__)
+        model = cls(**restore_params(config["params"], device))
+        device, dtype = resolve_device(model.device), resolve_dtype(model.dtype)
+        model.X_fit_, model._M_fit, model._alpha_fit = (
+            tensors[name].to(device=device, dtype=dtype) for name in ("X_fit", "M", "alpha")
+        )
+        model.kernel_ = make_kernel(model.kernel, model.bandwidth, model.exponent)
+        model.n_features_in_ = model.X_fit_.shape[1]
+        model.M_ = model._M_fit.cpu().numpy().astype(np.float64)
+        model.alpha_ = model._alpha_fit.cpu().numpy().astype(np.float64)
+        model.best_iter_ = config["best_iter"]
+        model.history_ = xr.Dataset.from_dict(config["history"])
+        model._set_target_config(config["targets"])
+        return model
 
     def _outputs(self, X) -> torch.Tensor:
         """Predictor outputs (m, c) at new points, as a tensor on the fitted device."""
@@ -305,6 +333,21 @@ class _BaseRFM(BaseEstimator):
         return self.kernel_.apply(
             Z, self.X_fit_, self._alpha_fit, self._M_fit, memory_gb=self.memory_gb
         )
+
+
+def check_eval_set(eval_set, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate an ``eval_set`` pair (X_val (m, n_features), y_val (m,) or (m, c))."""
+    if not isinstance(eval_set, (tuple, list)) or len(eval_set) != 2:
+        raise TypeError("eval_set must be a pair (X_val, y_val)")
+    X_val = check_array(as_numpy(eval_set[0]), dtype=np.float64, input_name="eval_set X")
+    y_val = check_array(as_numpy(eval_set[1]), ensure_2d=False, dtype=None, input_name="eval_set y")
+    if X_val.shape[1] != n_features:
+        raise ValueError(
+            f"eval_set X has {X_val.shape[1]} features, but the model is fitted on {n_features}"
+        )
+    if len(X_val) != len(y_val):
+        raise ValueError(f"eval_set X and y have different lengths: {len(X_val)} and {len(y_val)}")
+    return X_val, y_val
 
 
 def _format_scores(row: dict) -> str:
@@ -375,6 +418,12 @@ class RFMRegressor(RegressorMixin, _BaseRFM):
         self._single_output = y.ndim == 1
         return self._encode_eval_targets(y)
 
+    def _target_config(self) -> dict:
+        return {"single_output": self._single_output}
+
+    def _set_target_config(self, config: dict) -> None:
+        self._single_output = config["single_output"]
+
     def predict(self, X) -> np.ndarray:
         """Predicted targets, shape (n_samples,) or (n_samples, n_outputs)."""
         outputs = self._outputs(X).cpu().numpy().astype(np.float64)
@@ -409,6 +458,20 @@ class RFMClassifier(ClassifierMixin, _BaseRFM):
         if len(unseen):
             raise ValueError(f"eval_set y has labels not seen in y: {unseen[:5].tolist()}")
         return np.eye(len(self.classes_))[np.searchsorted(self.classes_, y)]
+
+    def _target_config(self) -> dict:
+        return {"classes": self.classes_.tolist()}
+
+    def _set_target_config(self, config: dict) -> None:
+        self.classes_ = np.array(config["classes"])
+
+    def _fit_encoded(self, X: torch.Tensor, Y: torch.Tensor, classes: np.ndarray):
+        """Fit on tensors already validated: X (n, d) and one-hot Y (n, len(classes))."""
+        kernel = self._check_params()
+        self.classes_ = classes
+        self.n_features_in_ = X.shape[1]
+        self._fit_tensors(kernel, X, Y, None, None)
+        return self
 
     def _scores(self, outputs: torch.Tensor, targets: torch.Tensor, prefix: str) -> dict:
         accuracy = (outputs.argmax(dim=1) == targets.argmax(dim=1)).double().mean()

@@ -1,5 +1,8 @@
 """RFM estimators: learning, scikit-learn compatibility and bad input."""
 
+import os
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -222,3 +225,43 @@ def test_bad_data(digits):
         RFMClassifier().fit(X, y, eval_set=X_test)
     with pytest.raises(ValueError, match="M_init"):
         RFMClassifier().fit(X, y, M_init=np.eye(3))
+
+
+@pytest.mark.parametrize("Estimator", [RFMClassifier, RFMRegressor])
+def test_save_and_load_round_trip(Estimator, digits, tmp_path):
+    X_train, X_test, y_train, _ = digits
+    model = Estimator(iters=1, bandwidth=8.0, random_state=0).fit(X_train[:300], y_train[:300])
+    path = tmp_path / "model.pt"
+    model.save(path)
+    loaded = Estimator.load(path)
+    assert loaded.get_params() == model.get_params()
+    np.testing.assert_array_equal(loaded.predict(X_test), model.predict(X_test))
+    np.testing.assert_array_equal(loaded.M_, model.M_)
+    assert loaded.best_iter_ == model.best_iter_
+
+
+def test_load_refuses_other_files(digits, tmp_path):
+    X_train, _, y_train, _ = digits
+    path = tmp_path / "model.pt"
+    RFMRegressor(iters=0).fit(X_train[:50], y_train[:50]).save(path)
+    with pytest.raises(ValueError, match="RFMRegressor, not a RFMClassifier"):
+        RFMClassifier.load(path)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a deeprfm model file"):
+        RFMClassifier.load(tmp_path / "other.pt")
+
+
+class _CodeRunningPayload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_load_never_executes_pickled_code(tmp_path):
+    marker = tmp_path / "executed"
+    torch.save({"format": "deeprfm-1", "config": _CodeRunningPayload(marker)}, tmp_path / "bad.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        RFMClassifier.load(tmp_path / "bad.pt")
+    assert not marker.exists()

@@ -1,0 +1,470 @@
+"""Deep RFM: layers of RFM → AGOP projection → random features, with collapse per layer.
+
+Layer l takes features X_l (X_0: the inputs, rows scaled to unit norm), fits an RFM on
+(X_l, y), takes its learned metric M_l (the normalised AGOP), projects X̃_l = X_l M_l^{1/2}
+and maps X_{l+1} = φ_l(X̃_l) with a random feature map. Every layer's RFM is a predictor;
+the last one's is the model's. The neural-collapse metrics of X_l, X̃_l and X_{l+1} are
+recorded at every layer (Beaglehole, Súkeník, Mondelli, Belkin, NeurIPS 2024).
+
+Only the (row-normalised) training inputs are stored: a layer's kernel centres are the
+training inputs sent through the earlier layers' maps, recomputed when predicting, so no more
+than one layer's features are ever held in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xarray as xr
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+from tqdm.auto import tqdm
+
+from analysis import collapse_metrics
+from deeprfm._memory import resolve_device, resolve_dtype
+from deeprfm._validation import as_numpy, check_bool, check_number, to_tensor
+from deeprfm.agop import psd_power
+from deeprfm.features import FEATURE_MAPS, RandomFeatureMap
+from deeprfm.kernels import Kernel, make_kernel
+from deeprfm.persist import (
+    jsonable_params,
+    load_state,
+    params_json,
+    restore_params,
+    save_state,
+)
+from deeprfm.rfm import RFMClassifier, check_eval_set
+
+__all__ = ["DeepRFM", "DeepRFMLayer"]
+
+logger = logging.getLogger("deeprfm")
+
+#: RFM parameters a DeepRFM passes through to every layer, with their defaults.
+_RFM_DEFAULTS = {
+    name: RFMClassifier().get_params()[name]
+    for name in (
+        "exponent",
+        "diag",
+        "centering",
+        "agop_power",
+        "agop_samples",
+        "normalize",
+    )
+}
+STAGES = ("input", "projected", "features")
+_LAYER_ATTRS = {
+    "train_acc": (
+        "training accuracy of the layer's RFM",
+        "fraction of training points whose argmax output is the label",
+    ),
+    "eval_acc": (
+        "eval_set accuracy of the layer's RFM",
+        "fraction of eval_set points whose argmax output is the label",
+    ),
+    "rfm_seconds": ("seconds fitting the layer's RFM", "wall-clock seconds of the RFM fit"),
+    "map_seconds": (
+        "seconds projecting and mapping",
+        "wall-clock seconds of M^(1/2) and the random feature map on the training features",
+    ),
+    "collapse_seconds": (
+        "seconds measuring collapse",
+        "wall-clock seconds of the collapse metrics (and the eval_set pass)",
+    ),
+}
+
+
+@dataclass
+class DeepRFMLayer:
+    """One fitted layer.
+
+    Attributes
+    ----------
+    M : torch.Tensor, shape (d_l, d_l)
+        Learned metric of the layer's RFM (its normalised AGOP).
+    M_sqrt : torch.Tensor, shape (d_l, d_l)
+        M^{1/2}, the projection applied to the layer's input.
+    feature_map : RandomFeatureMap
+        Map from the projected input (d_l) to the next layer's features (width).
+    alpha : torch.Tensor, shape (n_train, n_classes)
+        Coefficients of the layer's RFM; its centres are the training inputs of the layer.
+    history : xarray.Dataset
+        The layer RFM's per-iteration history.
+    """
+
+    M: torch.Tensor
+    M_sqrt: torch.Tensor
+    feature_map: RandomFeatureMap
+    alpha: torch.Tensor
+    history: xr.Dataset
+
+    def project(self, X: torch.Tensor) -> torch.Tensor:
+        """X̃ = X M^{1/2}, shape (n, d_l)."""
+        return X @ self.M_sqrt
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        """Next layer's features φ(X M^{1/2}), shape (n, width)."""
+        return self.feature_map.transform(self.project(X))
+
+
+class DeepRFM(ClassifierMixin, BaseEstimator):
+    """Deep Recursive Feature Machine classifier.
+
+    Parameters
+    ----------
+    layers : int
+        Number of layers L ≥ 1.
+    width : int
+        Output dimension of each random feature map.
+    feature_map : {"relu", "laplace_rff"}
+        ReLU random features (N(0, 1/d) weights) or Laplace random Fourier features.
+    kernel : {"laplace", "gaussian", "gen_laplace"} or Kernel
+        Kernel of every layer's RFM.
+    bandwidth : float
+        Kernel bandwidth L > 0.
+    reg : float
+        Ridge λ ≥ 0 of every layer's RFM.
+    rfm_iters : int
+        AGOP iterations of every layer's RFM (the paper uses 1).
+    normalize_rows : bool
+        Scale every input row to unit Euclidean norm before the first layer.
+    solver : {"auto", "direct", "eigenpro"}
+        Kernel solver of every layer ("auto": EigenPro when the direct solve does not fit).
+    device : str or torch.device, optional
+        Computation device; default CUDA when available, else CPU.
+    dtype : torch.float32 or torch.float64
+    memory_gb : float, optional
+        Memory budget of the blocked computations.
+    random_state : int, optional
+        Seeds the random feature maps, the AGOP subsamples and iterative solvers.
+    verbose : bool
+        Progress bar over layers.
+    **rfm_params
+        Further RFM parameters applied in every layer: ``exponent``, ``diag``, ``centering``,
+        ``agop_power``, ``agop_samples``, ``normalize``.
+
+    Attributes
+    ----------
+    classes_ : ndarray, shape (n_classes,)
+    layers_ : list of DeepRFMLayer
+    collapse_ : xarray.Dataset
+        Dims (``layer``, ``stage``), stage ∈ {input, projected, features}: every collapse
+        metric of the training features (``nc1``, ``nc1_trace``, ``nc2``, ...), of the eval
+        features when ``eval_set`` is given (prefixed ``eval_``), and per layer ``train_acc``,
+        ``eval_acc`` and seconds.
+    X_fit_ : torch.Tensor, shape (n_samples, n_features)
+        The row-normalised training inputs.
+    n_features_in_ : int
+    """
+
+    def __init__(
+        self,
+        layers: int = 5,
+        width: int = 1024,
+        feature_map: str = "relu",
+        kernel: str | Kernel = "laplace",
+        bandwidth: float = 10.0,
+        reg: float = 1e-3,
+        rfm_iters: int = 1,
+        normalize_rows: bool = True,
+        solver="auto",
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str = torch.float32,
+        memory_gb: float | None = None,
+        random_state: int | None = None,
+        verbose: bool = False,
+        **rfm_params,
+    ) -> None:
+        unknown = sorted(set(rfm_params) - set(_RFM_DEFAULTS))
+        if unknown:
+            raise TypeError(
+                f"DeepRFM got unexpected keyword arguments {unknown}; "
+                f"RFM parameters it passes on are {sorted(_RFM_DEFAULTS)}"
+            )
+        self.layers = layers
+        self.width = width
+        self.feature_map = feature_map
+        self.kernel = kernel
+        self.bandwidth = bandwidth
+        self.reg = reg
+        self.rfm_iters = rfm_iters
+        self.normalize_rows = normalize_rows
+        self.solver = solver
+        self.device = device
+        self.dtype = dtype
+        self.memory_gb = memory_gb
+        self.random_state = random_state
+        self.verbose = verbose
+        for name, default in _RFM_DEFAULTS.items():
+            setattr(self, name, rfm_params.get(name, default))
+
+    def get_params(self, deep: bool = True) -> dict:
+        """Parameters, including the RFM parameters passed through ``**rfm_params``."""
+        return super().get_params(deep) | {name: getattr(self, name) for name in _RFM_DEFAULTS}
+
+    # -- fitting -------------------------------------------------------------------------
+
+    def _layer_rfm(self, seed: int) -> RFMClassifier:
+        return RFMClassifier(
+            kernel=self.kernel,
+            bandwidth=self.bandwidth,
+            reg=self.reg,
+            iters=self.rfm_iters,
+            solver=self.solver,
+            early_stopping=False,
+            device=self.device,
+            dtype=self.dtype,
+            memory_gb=self.memory_gb,
+            random_state=seed,
+            **{name: getattr(self, name) for name in _RFM_DEFAULTS},
+        )
+
+    def _check_params(self) -> None:
+        check_number(self.layers, "layers", integer=True, low=1)
+        check_number(self.width, "width", integer=True, low=1)
+        check_number(self.rfm_iters, "rfm_iters", integer=True, low=0)
+        check_bool(self.normalize_rows, "normalize_rows")
+        check_bool(self.verbose, "verbose")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(
+                f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}"
+            )
+        make_kernel(self.kernel, self.bandwidth, self.exponent)
+
+    def _prepare(self, X: np.ndarray) -> torch.Tensor:
+        """Inputs as a tensor on the device, rows scaled to unit norm if asked."""
+        H = to_tensor(X, resolve_device(self.device), resolve_dtype(self.dtype))
+        if not self.normalize_rows:
+            return H
+        norms = H.norm(dim=1, keepdim=True)
+        return H / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+    def fit(self, X, y, eval_set=None):
+        """Fit the layers one after another.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor, shape (n_samples, n_features)
+        y : array-like, shape (n_samples,)
+            Class labels of any type.
+        eval_set : tuple (X_val, y_val), optional
+            Held-out data: its accuracy and collapse metrics are recorded at every layer.
+
+        Returns
+        -------
+        self
+        """
+        self._check_params()
+        X, y = validate_data(self, as_numpy(X), as_numpy(y), dtype=[np.float64, np.float32])
+        check_classification_targets(y)
+        self.classes_, labels = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(
+                f"y must contain samples of at least 2 classes, got 1 class: {self.classes_[0]!r}"
+            )
+        H = self._prepare(X)
+        Y = torch.eye(len(self.classes_), dtype=H.dtype, device=H.device)[labels]
+        evaluation = None
+        if eval_set is not None:
+            X_val, y_val = check_eval_set(eval_set, self.n_features_in_)
+            unseen = np.setdiff1d(y_val, self.classes_)
+            if len(unseen):
+                raise ValueError(f"eval_set y has labels not seen in y: {unseen[:5].tolist()}")
+            evaluation = (self._prepare(X_val), np.searchsorted(self.classes_, y_val))
+        rng = check_random_state(self.random_state)
+        generator = torch.Generator().manual_seed(int(rng.randint(2**31 - 1)))
+        self.X_fit_ = H
+        self.layers_, records = [], []
+        for layer in tqdm(range(self.layers), desc="Deep RFM", disable=not self.verbose):
+            record, H, evaluation = self._fit_layer(
+                H, Y, labels, evaluation, int(rng.randint(2**31 - 1)), generator
+            )
+            records.append(record)
+            logger.info("Deep RFM layer %d: train acc %.4f", layer, record["train_acc"])
+        self.collapse_ = self._collapse_dataset(records)
+        return self
+
+    def _fit_layer(self, H, Y, labels, evaluation, seed, generator):
+        """Fit one layer on features H (n, d_l); return its record and the next features."""
+        start = time.perf_counter()
+        rfm = self._layer_rfm(seed)
+        rfm._fit_encoded(H, Y, self.classes_)
+        fitted = time.perf_counter()
+        feature_map = FEATURE_MAPS[self.feature_map](width=self.width)
+        feature_map.fit(H.shape[1], generator=generator, device=H.device, dtype=H.dtype)
+        layer = DeepRFMLayer(
+            rfm._M_fit, psd_power(rfm._M_fit, 0.5), feature_map, rfm._alpha_fit, rfm.history_
+        )
+        self.layers_.append(layer)
+        stages = {"input": H, "projected": layer.project(H)}
+        stages["features"] = layer.feature_map.transform(stages["projected"])
+        mapped = time.perf_counter()
+        record = {
+            "train_acc": float(rfm.history_["train_acc"][rfm.best_iter_]),
+            "train": {name: collapse_metrics(f, labels) for name, f in stages.items()},
+        }
+        if evaluation is not None:
+            H_val, labels_val = evaluation
+            outputs = rfm.kernel_.apply(H_val, H, rfm._alpha_fit, rfm._M_fit)
+            record["eval_acc"] = float((outputs.argmax(dim=1).cpu().numpy() == labels_val).mean())
+            val_stages = {"input": H_val, "projected": layer.project(H_val)}
+            val_stages["features"] = layer.feature_map.transform(val_stages["projected"])
+            record["eval"] = {
+                name: collapse_metrics(f, labels_val) for name, f in val_stages.items()
+            }
+            evaluation = (val_stages["features"], labels_val)
+        end = time.perf_counter()
+        record |= {
+            "rfm_seconds": fitted - start,
+            "map_seconds": mapped - fitted,
+            "collapse_seconds": end - mapped,
+        }
+        return record, stages["features"], evaluation
+
+    def _collapse_dataset(self, records: list[dict]) -> xr.Dataset:
+        parts = []
+        for prefix in ("train", "eval"):
+            if prefix not in records[0]:
+                continue
+            per_layer = [
+                xr.concat([rec[prefix][s] for s in STAGES], dim="stage") for rec in records
+            ]
+            metrics = xr.concat(per_layer, dim="layer")
+            if prefix == "eval":
+                metrics = metrics.rename({name: f"eval_{name}" for name in metrics.data_vars})
+            parts.append(metrics)
+        collapse = xr.merge(parts, combine_attrs="drop_conflicts")
+        for name, (long_name, definition) in _LAYER_ATTRS.items():
+            if name in records[0]:
+                values = np.array([rec[name] for rec in records])
+                collapse[name] = (
+                    "layer",
+                    values,
+                    {"long_name": long_name, "definition": definition},
+                )
+        collapse = collapse.assign_coords(layer=np.arange(len(records)), stage=list(STAGES))
+        collapse.attrs = {"model": "DeepRFM", "params": params_json(self)}
+        return collapse
+
+    # -- transforming and predicting -----------------------------------------------------
+
+    def _inputs(self, X) -> torch.Tensor:
+        check_is_fitted(self, "layers_")
+        X = validate_data(self, as_numpy(X), reset=False, dtype=[np.float64, np.float32])
+        return self._prepare(X)
+
+    def transform(self, X, layer: int = -1, stage: str = "input") -> np.ndarray:
+        """Features of new data at a layer.
+
+        Parameters
+        ----------
+        X : array-like, shape (n_samples, n_features)
+        layer : int
+            Layer index (negative counts from the end).
+        stage : {"input", "projected", "features"}
+            The features entering the layer (X_l), after its AGOP projection (X̃_l), or the
+            random features it outputs (X_{l+1}).
+
+        Returns
+        -------
+        ndarray, shape (n_samples, d_l) or (n_samples, width)
+        """
+        H = self._inputs(X)
+        index = self._layer_index(layer)
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        for fitted in self.layers_[:index]:
+            H = fitted.forward(H)
+        if stage == "projected":
+            H = self.layers_[index].project(H)
+        elif stage == "features":
+            H = self.layers_[index].forward(H)
+        return H.cpu().numpy()
+
+    def _layer_index(self, layer: int) -> int:
+        check_number(layer, "layer", integer=True)
+        if not -len(self.layers_) <= layer < len(self.layers_):
+            raise ValueError(
+                f"layer must lie in [{-len(self.layers_)}, {len(self.layers_) - 1}], got {layer}"
+            )
+        return layer % len(self.layers_)
+
+    def _layer_outputs(self, X, upto: int):
+        """Yield each layer's RFM outputs (n, c) for layers 0..upto, one layer at a time."""
+        kernel = make_kernel(self.kernel, self.bandwidth, self.exponent)
+        H, centres = self._inputs(X), self.X_fit_
+        for index, fitted in enumerate(self.layers_[: upto + 1]):
+            yield kernel.apply(H, centres, fitted.alpha, fitted.M, memory_gb=self.memory_gb)
+            if index < upto:
+                H, centres = fitted.forward(H), fitted.forward(centres)
+
+    def decision_function(self, X) -> np.ndarray:
+        """Outputs of the last layer's RFM, shape (n_samples, n_classes)."""
+        *_, outputs = self._layer_outputs(X, len(self.layers_) - 1)
+        return outputs.cpu().numpy().astype(np.float64)
+
+    def predict(self, X) -> np.ndarray:
+        """Labels predicted by the last layer's RFM, shape (n_samples,)."""
+        return self.classes_[self.decision_function(X).argmax(axis=1)]
+
+    def predict_layers(self, X) -> np.ndarray:
+        """Labels predicted by every layer's RFM, shape (n_layers, n_samples)."""
+        winners = [
+            out.argmax(dim=1).cpu().numpy() for out in self._layer_outputs(X, len(self.layers_) - 1)
+        ]
+        return self.classes_[np.stack(winners)]
+
+    # -- persistence ---------------------------------------------------------------------
+
+    def save(self, path) -> None:
+        """Save the fitted model: tensors plus a JSON configuration (no pickled code)."""
+        check_is_fitted(self, "layers_")
+        tensors = {"X_fit": self.X_fit_}
+        for i, layer in enumerate(self.layers_):
+            tensors |= {f"layer{i}.M": layer.M, f"layer{i}.alpha": layer.alpha}
+            tensors |= {f"layer{i}.map.{k}": v for k, v in layer.feature_map.state_dict().items()}
+        config = {
+            "kind": "DeepRFM",
+            "params": jsonable_params(self),
+            "classes": self.classes_.tolist(),
+            "feature_maps": [layer.feature_map.config() for layer in self.layers_],
+            "histories": [layer.history.to_dict() for layer in self.layers_],
+            "collapse": self.collapse_.to_dict(),
+        }
+        save_state(path, config, tensors)
+
+    @classmethod
+    def load(cls, path, device: str | torch.device | None = None) -> DeepRFM:
+        """Load a model written by :meth:`save` (``torch.load(weights_only=True)``)."""
+        config, tensors = load_state(path, "DeepRFM")
+        model = cls(**restore_params(config["params"], device))
+        device, dtype = resolve_device(model.device), resolve_dtype(model.dtype)
+        model.classes_ = np.array(config["classes"])
+        model.X_fit_ = tensors["X_fit"].to(device=device, dtype=dtype)
+        model.n_features_in_ = model.X_fit_.shape[1]
+        model.layers_ = []
+        for i, (map_config, history) in enumerate(
+            zip(config["feature_maps"], config["histories"], strict=True)
+        ):
+            state = {
+                k.removeprefix(f"layer{i}.map."): v.to(device=device, dtype=dtype)
+                for k, v in tensors.items()
+                if k.startswith(f"layer{i}.map.")
+            }
+            M = tensors[f"layer{i}.M"].to(device=device, dtype=dtype)
+            model.layers_.append(
+                DeepRFMLayer(
+                    M,
+                    psd_power(M, 0.5),
+                    RandomFeatureMap.from_state_dict(map_config, state),
+                    tensors[f"layer{i}.alpha"].to(device=device, dtype=dtype),
+                    xr.Dataset.from_dict(history),
+                )
+            )
+        model.collapse_ = xr.Dataset.from_dict(config["collapse"])
+        return model
