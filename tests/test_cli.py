@@ -1,0 +1,75 @@
+"""The deeprfm command: every sub-command on tiny data, through a real subprocess."""
+
+import subprocess
+import sys
+
+import pytest
+import xarray as xr
+
+
+def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "deeprfm.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_help_everywhere():
+    for args in ([], ["rfm"], ["collapse"], ["plot"]):
+        result = run(*args, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "usage: deeprfm" in result.stdout
+
+
+def test_rfm_prints_a_table_and_writes_history(tmp_path):
+    out = tmp_path / "history.nc"
+    result = run(
+        "rfm", "--dataset", "digits", "--iters", "2", "--n-train", "300", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["iteration", "train"])
+    rows = [line.split() for line in lines[header + 1 : header + 4]]
+    assert [row[0] for row in rows] == ["0", "1", "2"]
+    assert all(0.5 < float(row[2]) <= 1 for row in rows)  # test accuracy
+    with xr.open_dataset(out) as history:
+        assert history.sizes["iteration"] == 3 and "test_acc" in history
+
+
+def test_collapse_table_netcdf_and_plot_then_plot_command(tmp_path):
+    out, png = tmp_path / "collapse.nc", tmp_path / "collapse.png"
+    result = run(
+        "collapse", "--layers", "2", "--width", "64", "--n-train", "300",
+        "--out", str(out), "--plot", str(png),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "layer  train acc  test acc" in result.stdout
+    with xr.open_dataset(out) as collapse:
+        assert collapse.sizes == {"layer": 2, "stage": 3}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = tmp_path / "again.png"
+    result = run("plot", str(out), "--out", str(again), "--metrics", "nc1_trace", "cdnv")
+    assert result.returncode == 0, result.stderr
+    assert again.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["rfm", "--bandwidth", "-1"], "bandwidth"),
+        (["rfm", "--dataset", "imagenet"], "invalid choice"),
+        (["rfm", "--dataset", "cifar10", "--root", "/nonexistent"], "cifar-10-batches-py"),
+        (["rfm", "--iters", "many"], "invalid int value"),
+        (["collapse", "--layers", "0"], "layers"),
+        (["plot", "/nonexistent.nc", "--out", "x.png"], "nonexistent"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path):
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
