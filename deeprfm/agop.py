@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+import analysis
 from deeprfm._memory import memory_budget, rows_per_block
 from deeprfm.kernels import Kernel, _sq_distances_from, m_sq_norms
 
@@ -127,7 +128,10 @@ def kernel_agop(
 
 
 def psd_power(A: torch.Tensor, power: float) -> torch.Tensor:
-    """Power of a symmetric PSD matrix via ``eigh``, negative eigenvalues clamped to 0.
+    """Power of a symmetric PSD matrix, negative eigenvalues clamped to 0, in A's dtype.
+
+    The identity for ``power == 1`` and an elementwise power for a diagonal matrix; otherwise
+    :func:`analysis.psd_power` (``eigh`` in float64).
 
     Parameters
     ----------
@@ -139,18 +143,15 @@ def psd_power(A: torch.Tensor, power: float) -> torch.Tensor:
     Returns
     -------
     torch.Tensor, shape (d, d)
-        A^p, symmetric PSD.
+        A^p, symmetric PSD, same dtype and device as ``A``.
     """
     if not power > 0:
         raise ValueError(f"power must be positive, got {power!r}")
     if power == 1:
         return A
-    offdiag = A - torch.diag(torch.diagonal(A))
-    if not torch.any(offdiag):
+    if not torch.any(A - torch.diag(torch.diagonal(A))):
         return torch.diag(torch.diagonal(A).clamp_min(0) ** power)
-    values, vectors = torch.linalg.eigh((A + A.T) / 2)
-    scaled = vectors * values.clamp_min(0) ** power
-    return scaled @ vectors.T
+    return analysis.psd_power(A, power).to(A.dtype)
 
 
 def normalize_matrix(A: torch.Tensor, method: Normalization = "max") -> torch.Tensor:

@@ -1,0 +1,34 @@
+"""Small helpers shared by the analysis modules."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, TypeAlias
+
+import numpy as np
+import torch
+
+Array: TypeAlias = np.ndarray | torch.Tensor
+
+
+def named_items(items: Any, what: str) -> tuple[list[Hashable], list[Any]]:
+    """Split a mapping (ordered names) or a sequence (names ``0 .. L-1``) into names and values.
+
+    Raises
+    ------
+    TypeError
+        If ``items`` is neither a mapping nor a sequence.
+    ValueError
+        If it is empty; ``what`` names the argument in the message.
+    """
+    if isinstance(items, Mapping):
+        names, values = list(items.keys()), list(items.values())
+    elif isinstance(items, Sequence) and not isinstance(items, str):
+        names, values = list(range(len(items))), list(items)
+    else:
+        raise TypeError(
+            f"{what}: expected a mapping name -> value or a sequence, got {type(items).__name__}"
+        )
+    if not values:
+        raise ValueError(f"{what}: expected at least one entry, got none")
+    return names, values
