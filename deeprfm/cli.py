@@ -77,6 +77,37 @@ def _add_collapse_parser(subparsers) -> None:
     parser.set_defaults(run=_run_collapse)
 
 
+def _add_probe_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "probe",
+        help="measure NFM, AGOP, NFA correlation and collapse of a network's layers",
+        description="Build a torchvision or timm architecture by name, load a state-dict file "
+        "(read with torch.load(weights_only=True)), measure every selected Linear/Conv2d "
+        "layer on a dataset split and print a per-layer table; --out writes the DataTree.",
+    )
+    parser.add_argument("--arch", required=True, help="architecture name, e.g. resnet18")
+    parser.add_argument("--source", default="torchvision", choices=["torchvision", "timm"])
+    parser.add_argument(
+        "--weights", default=None, help="state-dict file (default: the untrained architecture)"
+    )
+    parser.add_argument(
+        "--num-classes", type=int, default=None, help="output classes (default: the dataset's)"
+    )
+    _add_data_arguments(parser)
+    parser.add_argument("--split", default="test", choices=["train", "test"])
+    parser.add_argument("--n", type=int, default=None, help="class-balanced subsample size")
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per batch")
+    parser.add_argument("--layers", nargs="+", default=None, help="layer names (default: all)")
+    parser.add_argument(
+        "--agop-outputs", default="exact", help="'exact' or a number of random projections"
+    )
+    parser.add_argument(
+        "--flatten", action="store_true", help="feed flat vectors (for MLP architectures)"
+    )
+    _add_run_arguments(parser)
+    parser.set_defaults(run=_run_probe)
+
+
 def _add_plot_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "plot",
@@ -184,6 +215,95 @@ def _run_collapse(args: argparse.Namespace) -> None:
         _save_plot(entering, ["nc1", "nc2"], args.plot)
 
 
+def _build_model(args: argparse.Namespace, num_classes: int):
+    import torch
+
+    if args.source == "timm":
+        import timm
+
+        if not timm.is_model(args.arch):
+            raise ValueError(f"--arch {args.arch!r} is not a timm model")
+        model = timm.create_model(args.arch, pretrained=False, num_classes=num_classes)
+    else:
+        import torchvision
+
+        if args.arch not in torchvision.models.list_models():
+            raise ValueError(f"--arch {args.arch!r} is not a torchvision model")
+        model = torchvision.models.get_model(args.arch, weights=None, num_classes=num_classes)
+    if args.weights is not None:
+        state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    return model
+
+
+def _run_probe(args: argparse.Namespace) -> None:
+    import torch
+
+    from deeprfm.data import load_dataset
+    from deeprfm.probes import NeuralProbe
+
+    outputs = args.agop_outputs if args.agop_outputs == "exact" else _positive_int(args)
+    X, y = load_dataset(
+        args.dataset,
+        root=args.root,
+        split=args.split,
+        n=args.n,
+        flatten=args.flatten,
+        random_state=args.seed,
+    )
+    model = _build_model(args, args.num_classes or int(y.max()) + 1)
+    inputs = torch.as_tensor(X)
+    first_conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if not args.flatten and first_conv is not None and inputs.shape[1] < first_conv.in_channels:
+        inputs = inputs.expand(-1, first_conv.in_channels, -1, -1)  # grey to RGB
+    probe = NeuralProbe(
+        model,
+        layers=args.layers or "auto",
+        agop_outputs=outputs,
+        device=args.device,
+        random_state=args.seed,
+        verbose=True,
+    )
+    batches = [
+        (inputs[i : i + args.batch_size], torch.as_tensor(y[i : i + args.batch_size]))
+        for i in range(0, len(y), args.batch_size)
+    ]
+    with probe:
+        tree = probe.measure(batches)
+    root = tree.to_dataset()
+    print(f"{args.arch} ({args.source}) on {len(y)} {args.dataset} {args.split} samples")
+    print_table(
+        ["layer", "type", "fan_in", "nfa_corr", "NC1", "NC2"],
+        [
+            [str(name), str(kind), int(fan_in), float(corr), float(nc1), float(nc2)]
+            for name, kind, fan_in, corr, nc1, nc2 in zip(
+                root.layer.values,
+                root.layer_type.values,
+                root.fan_in.values,
+                root.nfa_corr.values,
+                root.nc1.values,
+                root.nc2.values,
+                strict=True,
+            )
+        ],
+    )
+    if args.out:
+        tree.to_netcdf(args.out, engine="h5netcdf")
+        print(f"probe DataTree written to {args.out}")
+
+
+def _positive_int(args: argparse.Namespace) -> int:
+    try:
+        value = int(args.agop_outputs)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(
+            f"--agop-outputs must be 'exact' or a positive int, got {args.agop_outputs!r}"
+        )
+    return value
+
+
 def _run_plot(args: argparse.Namespace) -> None:
     import xarray as xr
 
@@ -228,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_rfm_parser(subparsers)
     _add_collapse_parser(subparsers)
+    _add_probe_parser(subparsers)
     _add_plot_parser(subparsers)
     return parser
 

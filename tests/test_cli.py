@@ -18,7 +18,7 @@ def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
 
 
 def test_help_everywhere():
-    for args in ([], ["rfm"], ["collapse"], ["plot"]):
+    for args in ([], ["rfm"], ["collapse"], ["probe"], ["plot"]):
         result = run(*args, "--help")
         assert result.returncode == 0, result.stderr
         assert "usage: deeprfm" in result.stdout
@@ -56,6 +56,30 @@ def test_collapse_table_netcdf_and_plot_then_plot_command(tmp_path):
     assert again.exists()
 
 
+@pytest.mark.parametrize("source", ["torchvision", "timm"])
+def test_probe_loads_a_state_dict_measures_and_writes_a_datatree(source, tmp_path):
+    torch = pytest.importorskip("torch")
+    if source == "timm":
+        timm = pytest.importorskip("timm")
+        model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    else:
+        torchvision = pytest.importorskip("torchvision")
+        model = torchvision.models.resnet18(num_classes=10)
+    weights, out = tmp_path / "weights.pt", tmp_path / "probe.nc"
+    torch.save(model.state_dict(), weights)
+    result = run(
+        "probe", "--arch", "resnet18", "--source", source, "--weights", str(weights),
+        "--n", "40", "--layers", "conv1", "fc", "--agop-outputs", "4", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.splitlines()
+    assert any(line.split()[:2] == ["conv1", "Conv2d"] for line in table)
+    assert any(line.split()[:2] == ["fc", "Linear"] for line in table)
+    with xr.open_datatree(out, engine="h5netcdf") as tree:
+        assert list(tree.ds.layer.values) == ["conv1", "fc"]
+        assert tree["layers/fc"].ds.agop.shape == (512, 512)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -66,6 +90,10 @@ def test_collapse_table_netcdf_and_plot_then_plot_command(tmp_path):
         (["collapse", "--layers", "0"], "layers"),
         (["plot", "/nonexistent.nc", "--out", "x.png"], "nonexistent"),
         (["frobnicate"], "invalid choice"),
+        (["probe", "--arch", "resnet1000"], "not a torchvision model"),
+        (["probe", "--arch", "resnet1000", "--source", "timm"], "not a timm model"),
+        (["probe", "--arch", "resnet18", "--agop-outputs", "some"], "agop-outputs"),
+        (["probe", "--arch", "resnet18", "--layers", "nope"], "nope"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path):
