@@ -92,11 +92,13 @@ def kernel_agop(
     point_rows, centre_rows = _block_sizes(
         memory_budget(memory_gb, X.device), X.element_size(), m, n, c, d
     )
+    shift = X.mean(dim=0)  # distances and v are translation invariant; rounding is not
+    X = X - shift
     x_sq = m_sq_norms(X, M)
     grad_sum = torch.zeros(c, d, dtype=X.dtype, device=X.device)
     outer = torch.zeros((d,) if diag else (d, d), dtype=X.dtype, device=X.device)
     for start in range(0, m, point_rows):
-        Zb = Z[start : start + point_rows]
+        Zb = Z[start : start + point_rows] - shift
         ZM = Zb if M is None else Zb @ M
         z_sq = (ZM * Zb).sum(dim=1)
         v = torch.zeros(Zb.shape[0], c, d, dtype=X.dtype, device=X.device)

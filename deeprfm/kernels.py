@@ -65,6 +65,8 @@ def sq_distances(X: torch.Tensor, Z: torch.Tensor, M: torch.Tensor | None = None
     torch.Tensor, shape (n, m)
         ‖x_i − z_j‖²_M, clamped at 0 (values within rounding error of 0 are exactly 0).
     """
+    shift = Z.mean(dim=0)
+    X, Z = X - shift, Z - shift
     ZM = Z if M is None else Z @ M
     return _sq_distances_from(X, m_sq_norms(X, M), ZM, (ZM * Z).sum(dim=1))
 
@@ -147,12 +149,14 @@ class Kernel(ABC):
     ) -> Iterator[tuple[slice, torch.Tensor]]:
         """Yield ``(rows, K_M(X[rows], Z))`` over row blocks of ``X`` within the budget."""
         budget = memory_budget(memory_gb, X.device)
+        shift = Z.mean(dim=0)
+        Z = Z - shift
         ZM = Z if M is None else Z @ M
         z_sq = (ZM * Z).sum(dim=1)
         step = rows_per_block(budget, 3 * Z.shape[0] * X.element_size(), X.shape[0], minimum=32)
         for start in range(0, X.shape[0], step):
             rows = slice(start, start + step)
-            Xb = X[rows]
+            Xb = X[rows] - shift
             yield rows, self.from_sq_dist(_sq_distances_from(Xb, m_sq_norms(Xb, M), ZM, z_sq))
 
     def apply(

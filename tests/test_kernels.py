@@ -99,3 +99,21 @@ def test_value_and_weight_agrees_with_separate_calls(kernel):
     values, weights = kernel.value_and_weight(sq.clone())
     torch.testing.assert_close(values, K)
     torch.testing.assert_close(weights, kernel.gradient_weight(K, sq))
+
+
+def test_float32_kernel_with_a_large_common_offset_stays_positive_definite():
+    """ReLU-like features share a large mean: the distance expansion must not lose the spread."""
+    g = torch.Generator().manual_seed(4)
+    spread = torch.randn(400, 50, generator=g, dtype=torch.float64) * 0.05
+    offset = 30 * torch.ones(50, dtype=torch.float64)
+    kernel = LaplaceKernel(10.0)
+    exact = kernel(spread, spread)
+    shifted = kernel((spread + offset).float(), (spread + offset).float()).double()
+    assert (shifted - exact).abs().max() < 1e-4
+    assert torch.linalg.eigvalsh(shifted + 1e-3 * torch.eye(400, dtype=torch.float64))[0] > 0
+    torch.testing.assert_close(
+        sq_distances((spread + offset).float(), spread[:7].float() + offset.float()).double(),
+        sq_distances(spread, spread[:7]),
+        atol=1e-4,
+        rtol=1e-3,
+    )
