@@ -23,7 +23,7 @@ def test_direct_solve_matches_dense_solve():
     expected = torch.linalg.solve(K + 1e-2 * torch.eye(len(X), dtype=X.dtype), Y)
     torch.testing.assert_close(fit.alpha, expected)
     torch.testing.assert_close(fit.fitted, K @ expected)
-    assert fit.info["jitter"] == 0
+    assert fit.info == {"jitter": 0.0, "factor_dtype": "float64"}
 
 
 def test_direct_solve_does_not_modify_inputs():
@@ -33,13 +33,28 @@ def test_direct_solve_does_not_modify_inputs():
     assert torch.equal(X, X0) and torch.equal(Y, Y0)
 
 
+def test_float32_failure_is_recomputed_in_float64():
+    X, Y = _data(n=60)
+    g = torch.Generator().manual_seed(1)
+    near = X + 1e-5 * torch.randn(X.shape, generator=g, dtype=X.dtype)  # near-duplicates:
+    X, Y = torch.cat([X, near]).float(), torch.cat([Y, Y]).float()  # float32 K is indefinite
+    kernel = LaplaceKernel(1.0)
+    assert torch.linalg.cholesky_ex(kernel(X, X) + 1e-8 * torch.eye(120)).info > 0
+    fit = DirectSolver().solve(kernel, X, Y, reg=1e-8)
+    assert fit.info == {"jitter": 0.0, "factor_dtype": "float64"}
+    assert fit.alpha.dtype == torch.float32 and torch.isfinite(fit.alpha).all()
+    X64 = X.double()
+    expected = torch.linalg.solve(kernel(X64, X64) + 1e-8 * torch.eye(120).double(), Y.double())
+    torch.testing.assert_close(fit.alpha.double(), expected, rtol=1e-4, atol=1e-3)
+
+
 def test_jitter_fallback_on_a_singular_matrix():
-    X, Y = _data(n=60, dtype=torch.float32)
+    X, Y = _data(n=60, dtype=torch.float64)
     X = torch.cat([X, X])  # every point twice: K is singular
     Y = torch.cat([Y, Y])
     kernel = LaplaceKernel(50.0)
     with pytest.warns(RuntimeWarning, match="jitter"):
-        fit = DirectSolver().solve(kernel, X, Y, reg=1e-12)
+        fit = DirectSolver().solve(kernel, X, Y, reg=1e-30)
     assert fit.info["jitter"] > 0
     assert torch.isfinite(fit.alpha).all()
     residual = (kernel(X, X) @ fit.alpha - Y).norm() / Y.norm()

@@ -19,8 +19,10 @@ _JITTER_ATTEMPTS = 8
 class DirectSolver(KernelSolver):
     """Kernel ridge regression by a dense factorisation of the n×n kernel matrix.
 
-    λ > 0: Cholesky of K + λI; if it fails (a numerically singular matrix), the factorisation
-    is retried with a growing jitter added to the diagonal, with a warning. λ = 0: a
+    λ > 0: Cholesky of K + λI. If it fails in float32 (float32 rounding of the distances
+    between near-duplicate points, as in strongly collapsed features, can make K indefinite),
+    K is recomputed and factored in float64; if that fails too, the factorisation is retried
+    with a growing jitter added to the diagonal, with a warning. λ = 0: a
     minimum-norm least-squares solution through the pseudo-inverse (``eigh``).
     Memory: two n×n matrices.
 
@@ -47,13 +49,23 @@ class DirectSolver(KernelSolver):
         K = kernel(X, X, M, memory_gb=self.memory_gb)
         if reg == 0:
             return _pseudo_inverse_solve(K, Y)
-        return _cholesky_solve(K, Y, reg)
+        torch.diagonal(K).add_(reg)
+        factor, status = torch.linalg.cholesky_ex(K)
+        if int(status) != 0 and K.dtype == torch.float32:
+            logger.info("float32 Cholesky of K + reg·I failed; recomputing K in float64")
+            del K, factor
+            M64 = None if M is None else M.double()
+            K = kernel(X.double(), X.double(), M64, memory_gb=self.memory_gb)
+            torch.diagonal(K).add_(reg)
+            factor, status = torch.linalg.cholesky_ex(K)
+        return _cholesky_solve(K, factor, status, Y, reg)
 
 
-def _cholesky_solve(K: torch.Tensor, Y: torch.Tensor, reg: float) -> KernelFit:
+def _cholesky_solve(
+    K: torch.Tensor, factor: torch.Tensor, status: torch.Tensor, Y: torch.Tensor, reg: float
+) -> KernelFit:
+    """Solve with the factor of K + reg·I (K holds the sum), adding jitter while it fails."""
     diagonal = torch.diagonal(K)
-    diagonal += reg
-    factor, status = torch.linalg.cholesky_ex(K)
     jitter = 0.0
     scale = float(diagonal.mean()) * torch.finfo(K.dtype).eps
     for attempt in range(_JITTER_ATTEMPTS):
@@ -76,8 +88,9 @@ def _cholesky_solve(K: torch.Tensor, Y: torch.Tensor, reg: float) -> KernelFit:
             stacklevel=3,
         )
         logger.warning("direct solve needed a jitter of %.3g", jitter)
-    alpha = torch.cholesky_solve(Y, factor)
-    return KernelFit(alpha, Y - (reg + jitter) * alpha, {"jitter": jitter})
+    alpha = torch.cholesky_solve(Y.to(K.dtype), factor).to(Y.dtype)
+    info = {"jitter": jitter, "factor_dtype": str(K.dtype).removeprefix("torch.")}
+    return KernelFit(alpha, Y - (reg + jitter) * alpha, info)
 
 
 def _pseudo_inverse_solve(K: torch.Tensor, Y: torch.Tensor) -> KernelFit:
