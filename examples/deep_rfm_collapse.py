@@ -23,12 +23,10 @@ same as ``--small`` (under 30 s on two CPU cores).
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
-from pathlib import Path
 
 import matplotlib
 import xarray as xr
+from _example import example_parser, output_dir
 
 from analysis import plot_collapse
 from deeprfm import DeepRFM
@@ -42,22 +40,13 @@ METRICS = ("nc1", "nc1_trace", "nc2")
 
 def parse_args() -> argparse.Namespace:
     """Command-line arguments: ``--small``, ``--out`` and ``--seed``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--small",
-        action="store_true",
-        default=os.environ.get("DEEPRFM_SMALL", "") not in ("", "0"),
-        help="a quick run (also set by the environment variable DEEPRFM_SMALL=1)",
-    )
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: temp)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser = example_parser(__doc__)
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="deep_rfm_collapse_"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out, "deep_rfm_collapse_")
     layers, width, n_train = SMALL if args.small else NORMAL
 
     X_train, y_train = load_dataset("digits", split="train", n=n_train, random_state=args.seed)

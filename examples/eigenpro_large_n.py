@@ -31,16 +31,14 @@ several minutes on a two-core CPU (progress bars show the epochs).
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from _example import example_parser, output_dir
 
 from deeprfm import LaplaceKernel, RFMClassifier
 from deeprfm.solvers import DirectSolver, EigenProSolver, KernelSolver
@@ -57,15 +55,7 @@ VALIDATION = 2_000
 
 def parse_args() -> argparse.Namespace:
     """Command-line arguments: ``--small``, ``--out``, ``--seed`` and ``--device``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--small",
-        action="store_true",
-        default=os.environ.get("DEEPRFM_SMALL", "") not in ("", "0"),
-        help="a quick run (also set by the environment variable DEEPRFM_SMALL=1)",
-    )
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: temp)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser = example_parser(__doc__)
     parser.add_argument(
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"
     )
@@ -117,8 +107,7 @@ def kernel_regression(
 
 def main() -> None:
     args = parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="eigenpro_large_n_"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out, "eigenpro_large_n_")
     n, n_test, epochs, subsample = SMALL if args.small else NORMAL
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train, validation, test = random_teacher((n, VALIDATION, n_test), args.seed)

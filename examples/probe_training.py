@@ -24,12 +24,10 @@ Run ``python examples/probe_training.py [--small] [--out DIR] [--epochs N]``;
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
-from pathlib import Path
 
 import matplotlib
 import torch
+from _example import example_parser, output_dir
 from torch import nn
 
 from analysis import plot_collapse, stack_curves
@@ -44,16 +42,8 @@ BATCH_SIZE = 32
 
 def parse_args() -> argparse.Namespace:
     """Command-line arguments: ``--small``, ``--out``, ``--epochs`` and ``--seed``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--small",
-        action="store_true",
-        default=os.environ.get("DEEPRFM_SMALL", "") not in ("", "0"),
-        help="a quick run (also set by the environment variable DEEPRFM_SMALL=1)",
-    )
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: temp)")
+    parser = example_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=None, help="training epochs")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
     return parser.parse_args()
 
 
@@ -84,8 +74,7 @@ def main() -> None:
     args = parse_args()
     epochs, probed = SMALL if args.small else NORMAL
     epochs = args.epochs if args.epochs is not None else epochs
-    out = args.out or Path(tempfile.mkdtemp(prefix="probe_training_"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out, "probe_training_")
     torch.manual_seed(args.seed)
 
     X_train, y_train = (torch.from_numpy(a) for a in load_dataset("digits", flatten=False))

@@ -23,13 +23,11 @@ is the same as ``--small`` (a training subsample of 600 images, under 30 s on tw
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
-from pathlib import Path
 
 import matplotlib
 import numpy as np
 import pandas as pd
+from _example import example_parser, output_dir
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
 from analysis import plot_matrix
@@ -43,15 +41,7 @@ SMALL = ({"bandwidth": [3.0, 10.0], "reg": [1e-3]}, 3, 2, 600)
 
 def parse_args() -> argparse.Namespace:
     """Command-line arguments: ``--small``, ``--out`` and ``--seed``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--small",
-        action="store_true",
-        default=os.environ.get("DEEPRFM_SMALL", "") not in ("", "0"),
-        help="a quick run (also set by the environment variable DEEPRFM_SMALL=1)",
-    )
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: temp)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser = example_parser(__doc__)
     return parser.parse_args()
 
 
@@ -83,8 +73,7 @@ def grid_search(
 
 def main() -> None:
     args = parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="rfm_digits_"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out, "rfm_digits_")
     grid, folds, iters, n_train = SMALL if args.small else NORMAL
 
     X_train, y_train = load_dataset("digits", split="train", n=n_train, random_state=args.seed)

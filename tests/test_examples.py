@@ -19,7 +19,7 @@ import xarray as xr
 pytest.importorskip("matplotlib")
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SCRIPTS = sorted(EXAMPLES.glob("*.py"))
+SCRIPTS = sorted(p for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
 NOTEBOOK = EXAMPLES / "collapse_curves.ipynb"
 #: Files a script must write under ``--out``; a script not listed must write at least one.
 EXPECTED_FILES = {
