@@ -9,7 +9,7 @@ import torch
 #: Fraction of the free memory that a computation may use when no budget is given.
 DEFAULT_FREE_FRACTION = 0.3
 #: Upper bound of the default CPU budget in bytes: blocks beyond this are no faster.
-DEFAULT_CPU_CAP = 4 * 1024**3
+DEFAULT_CPU_CAP = 2 * 1024**3
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
