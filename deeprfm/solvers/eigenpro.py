@@ -1,0 +1,697 @@
+"""EigenPro 2: preconditioned stochastic gradient descent for kernel ridge regression.
+
+Ma & Belkin, "Kernel machines that adapt to GPUs for effective large batch training" (2019).
+The solver fits f = K(·, X) α to (K + λI) α = Y without ever forming K = K_M(X, X): a batch
+B of m training points costs one m×n kernel block, computed on the fly, so memory is
+O(n·(d + c) + m·n + s²) and an epoch costs about one n×n×d kernel evaluation.
+
+Setup, once per solve:
+
+1. A uniform Nyström subsample S of s training points and the top eigenpairs
+   (λ_1 ≥ λ_2 ≥ …, orthonormal V) of K(X_S, X_S)/s by a dense symmetric eigensolver;
+   E = V/√s.
+2. Damping the top q directions to λ_{q+1}, D_j = (1 − λ_{q+1}/λ_j)/λ_j for j ≤ q, makes the
+   iteration below exactly stochastic gradient descent with the preconditioned kernel
+   k_P(x, z) = k(x, z) − K(x, X_S) E diag(D) Eᵀ K(X_S, z), whose top eigenvalue (of the
+   integral operator) is ≈ λ_{q+1} instead of λ_1.
+3. β(q) = max_i k_P(x_i, x_i) over all training points, for every candidate q at once (one
+   pass of K(X, X_S)); β(0) = max k(x, x). With ridge, β = β(q) + λ and λ_{q+1} + λ/n.
+4. The critical batch size m* = β/λ_{q+1} + 1. Unless given, q is the largest with m* ≤ s:
+   below λ ≈ β/s the subsample does not resolve the spectrum, and damping deeper than the
+   batch needs still pays because β(q) falls with q.
+5. The batch m = min((m* + 1)/2, the rows of one kernel block within the memory budget) and
+   the step size η = m/β if m < m* else 2m/(β + (m − 1)λ_{q+1}), times a safety factor.
+   Below m* an epoch makes the same progress whatever m (η/m = 1/β); half of m* keeps a
+   factor-2 margin on the estimate λ_{q+1} of the preconditioned top eigenvalue.
+
+Iteration on a batch B (a random permutation split into batches, each point once per epoch):
+g = K(X_B, X) α − Y_B + λ α_B; α_B ← α_B − (η/m) g;
+α_S ← α_S + (η/m) E diag(D) Eᵀ K(X_S, X_B) g.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from deeprfm._memory import memory_budget, rows_per_block
+from deeprfm.kernels import Kernel
+from deeprfm.solvers.base import KernelFit, KernelSolver
+
+__all__ = ["EigenProSolver"]
+
+logger = logging.getLogger("deeprfm")
+
+#: Epochs when ``epochs`` is None.
+_DEFAULT_EPOCHS = 20
+#: Fraction of the step size m/β (or 2m/(β + (m − 1)λ)) that is taken.
+_SAFETY = 0.9
+#: Smallest automatic batch: smaller matrix products waste the hardware.
+_MIN_BATCH = 64
+#: Rows per block of the one pass over the training set at setup (efficient, small memory).
+_PASS_ROWS = 2048
+#: Largest number of eigenpairs computed when q is chosen automatically.
+_MAX_EIGENPAIRS = 1000
+#: Eigenvalues of K_S/s are used down to this many times their rounding error, 2·eps·β₀/√s.
+_ROUNDING_MARGIN = 1000
+#: Subsample size bounds of the default rule s = n/10.
+_SUBSAMPLE_RANGE = (2000, 12000)
+#: A validation MSE this much (relative) below the best so far resets ``patience``.
+_MIN_IMPROVEMENT = 1e-3
+#: An epoch whose training residual exceeds this multiple of the best one so far diverged.
+_DIVERGENCE_FACTOR = 2.0
+#: Halvings of the step size tried on divergence before giving up.
+_MAX_HALVINGS = 30
+#: The eigensolver works on about this many s×s float64 arrays (memory estimate).
+_EIGH_COPIES = 3
+
+_HISTORY_ATTRS = {
+    "train_residual": (
+        "relative training residual",
+        "||(K + reg I) alpha - Y||_F / ||Y||_F, each point's residual taken when its batch was "
+        "visited during the epoch",
+    ),
+    "val_mse": (
+        "validation mean squared error",
+        "mean over eval_set points and outputs of (f(x) - y)^2 after the epoch",
+    ),
+    "seconds": ("seconds per epoch", "wall-clock seconds of the epoch, validation included"),
+}
+
+
+@dataclass
+class _Preconditioner:
+    """The damped top eigensystem of the subsample kernel and what it implies.
+
+    Attributes
+    ----------
+    indices : torch.Tensor, shape (s,)
+        Rows of the subsample S in the training set.
+    centres : torch.Tensor, shape (s, r)
+        The (metric-transformed) subsample points.
+    E : torch.Tensor, shape (s, q)
+        Top-q eigenvectors of K_S/s divided by √s.
+    D : torch.Tensor, shape (q,)
+        (1 − λ_{q+1}/λ_j)/λ_j.
+    top : float
+        λ_1, the largest eigenvalue of K_S/s.
+    tail : float
+        λ_{q+1}, the top eigenvalue after damping.
+    """
+
+    indices: torch.Tensor
+    centres: torch.Tensor
+    E: torch.Tensor
+    D: torch.Tensor
+    top: float
+    tail: float
+
+    @property
+    def q(self) -> int:
+        return self.D.shape[0]
+
+    def correction(
+        self, kernel: Kernel, Xb: torch.Tensor, g: torch.Tensor, memory_gb: float | None
+    ) -> torch.Tensor:
+        """E diag(D) Eᵀ K(X_S, X_B) g, shape (s, c)."""
+        projected = self.E.T @ kernel.apply(self.centres, Xb, g, memory_gb=memory_gb)
+        return self.E @ (self.D[:, None] * projected)
+
+
+class EigenProSolver(KernelSolver):
+    """Kernel ridge regression by EigenPro 2 iteration: no n×n matrix, no learning rate.
+
+    Preconditioned mini-batch SGD on (K + λI) α = Y (see the module notes). Batch size, step
+    size and the number q of damped eigendirections follow from the spectrum of a Nyström
+    subsample and the memory budget. Without ridge (λ = 0) the number of epochs is the
+    regulariser (early stopping). Runs on the device of ``X`` (CPU or CUDA).
+
+    Parameters
+    ----------
+    epochs : int, optional
+        Maximum number of passes over the data; default 20.
+    subsample_size : int, optional
+        Nyström subsample size s; default n/10 clipped to [2 000, 12 000] (and to what the
+        memory budget allows for the eigensolver); a value above n is clamped to n with a
+        warning.
+    top_q : int, optional
+        Number q < s of damped eigendirections (0: plain SGD); default the largest q
+        (at most 999) whose critical batch size m* is at most s.
+    batch_size : int, optional
+        Batch size m; default (m* + 1)/2 with m* the critical batch size, capped by the rows
+        of one kernel block within the memory budget, at least 64. A batch above m* gets the
+        smaller step 2m/(β + (m − 1)λ_{q+1}).
+    tol : float, optional
+        Stop once the relative training residual ‖(K + λI)α − Y‖/‖Y‖ of an epoch is ≤ tol.
+    patience : int
+        With ``eval_set``: stop after this many epochs in a row that do not lower the best
+        validation MSE by 0.1 %. The epoch with the lowest validation MSE is returned.
+    exact_fitted : bool
+        Compute ``KernelFit.fitted`` = K α exactly after training (one more kernel pass,
+        about the cost of an epoch). By default ``fitted`` holds the predictions tracked
+        during the returned epoch: K(x_i, X) α taken when x_i's batch was visited, so it
+        misses the updates made later in that epoch (they are small near convergence).
+    memory_gb : float, optional
+        Memory budget: bounds the automatic batch (one (m, n) kernel block), every block
+        computed and the default subsample size; default a safe fraction of free memory.
+    random_state : int, optional
+        Seed of the subsample and of the batch order.
+    verbose : bool
+        Progress bar over epochs showing the training residual and validation MSE.
+    """
+
+    name = "eigenpro"
+
+    def __init__(
+        self,
+        *,
+        epochs: int | None = None,
+        subsample_size: int | None = None,
+        top_q: int | None = None,
+        batch_size: int | None = None,
+        tol: float | None = None,
+        patience: int = 2,
+        exact_fitted: bool = False,
+        memory_gb: float | None = None,
+        random_state: int | None = None,
+        verbose: bool = False,
+    ) -> None:
+        _check_int(epochs, "epochs", low=1, optional=True)
+        _check_int(subsample_size, "subsample_size", low=1, optional=True)
+        _check_int(top_q, "top_q", low=0, optional=True)
+        _check_int(batch_size, "batch_size", low=1, optional=True)
+        _check_int(patience, "patience", low=1)
+        _check_int(random_state, "random_state", low=0, optional=True)
+        if tol is not None:
+            _check_positive(tol, "tol")
+        if memory_gb is not None:
+            _check_positive(memory_gb, "memory_gb")
+        for flag, value in (("exact_fitted", exact_fitted), ("verbose", verbose)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        self.epochs = _DEFAULT_EPOCHS if epochs is None else epochs
+        self.subsample_size = subsample_size
+        self.top_q = top_q
+        self.batch_size = batch_size
+        self.tol = tol
+        self.patience = patience
+        self.exact_fitted = exact_fitted
+        self.memory_gb = memory_gb
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
+        return f"EigenProSolver({params})"
+
+    def solve(
+        self,
+        kernel: Kernel,
+        X: torch.Tensor,
+        Y: torch.Tensor,
+        M: torch.Tensor | None = None,
+        reg: float = 0.0,
+        eval_set: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> KernelFit:
+        """Fit α for (K_M(X, X) + λI) α = Y by EigenPro iteration.
+
+        Parameters
+        ----------
+        kernel : Kernel
+        X : torch.Tensor, shape (n, d)
+            Training inputs; the computation runs on their device and dtype.
+        Y : torch.Tensor, shape (n, c)
+            Targets.
+        M : torch.Tensor, shape (d, d), optional
+            Symmetric PSD metric of the kernel; ``None`` means the identity.
+        reg : float
+            Ridge λ ≥ 0.
+        eval_set : (X_val, Y_val), optional
+            Validation inputs (m, d) and targets (m, c): their MSE is recorded every epoch,
+            the best epoch is returned and ``patience`` stops the iteration.
+
+        Returns
+        -------
+        KernelFit
+            ``alpha`` (n, c), ``fitted`` (n, c) and ``info``: ``history`` (xarray.Dataset over
+            ``epoch``: ``train_residual``, ``val_mse`` with ``eval_set``, ``seconds``),
+            ``epochs`` run, ``best_epoch``, ``stop_reason`` ("epochs", "tol", "patience"),
+            ``train_residual`` (final, exact when ``exact_fitted``), ``subsample_size``,
+            ``top_q``, ``batch_size``, ``critical_batch_size``, ``step_size`` (η),
+            ``beta``, ``top_eigenvalue``, ``tail_eigenvalue``, ``step_halvings``,
+            ``setup_seconds``.
+        """
+        if not isinstance(kernel, Kernel):
+            raise TypeError(f"kernel must be a Kernel, got {type(kernel).__name__}")
+        X, Y = _check_training_data(X, Y)
+        reg = _check_reg(reg)
+        factor = _metric_factor(M, X)
+        validation = None
+        if eval_set is not None:
+            X_val, Y_val = _check_eval_set(eval_set, X, Y)
+            validation = (_transform(X_val, factor), Y_val)
+        X = _transform(X, factor)
+        generator = torch.Generator(device="cpu")
+        if self.random_state is None:
+            generator.seed()
+        else:
+            generator.manual_seed(self.random_state)
+
+        start = time.perf_counter()
+        n, budget = X.shape[0], memory_budget(self.memory_gb, X.device)
+        pre, beta = self._preconditioner(kernel, X, generator, budget)
+        beta += reg
+        tail = pre.tail + reg / n
+        row_bytes = 3 * n * X.element_size()  # a row of an (m, n) kernel block, temporaries
+        cap = rows_per_block(budget, row_bytes, n)
+        batch, critical, eta = _batch_and_step(beta, tail, cap, self.batch_size, n)
+        block_gb = min(batch * row_bytes, budget) / 1024**3  # every later product: one batch
+        setup_seconds = time.perf_counter() - start
+        logger.info(
+            "EigenPro setup in %.1fs: s=%d, q=%d, batch=%d (critical %.0f), eta=%.3g, "
+            "beta=%.3g, lambda_1=%.3g, lambda_q+1=%.3g",
+            setup_seconds,
+            pre.indices.shape[0],
+            pre.q,
+            batch,
+            critical,
+            eta,
+            beta,
+            pre.top,
+            pre.tail,
+        )
+        run = _Run(kernel, X, Y, reg, pre, batch, eta / batch, generator, block_gb)
+        history, best_epoch, stop_reason = run.iterate(
+            validation, self.epochs, self.tol, self.patience, self.verbose
+        )
+        alpha, fitted = run.best_alpha, run.best_fitted
+        residual = float(history["train_residual"][best_epoch - 1])
+        if self.exact_fitted:
+            fitted = kernel.apply(X, X, alpha, memory_gb=block_gb)
+            residual = float(
+                torch.linalg.vector_norm(fitted + reg * alpha - Y) / torch.linalg.vector_norm(Y)
+            )
+        info = {
+            "history": history,
+            "epochs": history.sizes["epoch"],
+            "best_epoch": best_epoch,
+            "stop_reason": stop_reason,
+            "train_residual": residual,
+            "subsample_size": pre.indices.shape[0],
+            "top_q": pre.q,
+            "batch_size": batch,
+            "critical_batch_size": critical,
+            "step_size": run.step * batch,
+            "beta": beta,
+            "top_eigenvalue": pre.top,
+            "tail_eigenvalue": pre.tail,
+            "step_halvings": run.halvings,
+            "setup_seconds": setup_seconds,
+        }
+        return KernelFit(alpha, fitted, info)
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def _subsample_size(self, n: int, budget: int) -> int:
+        if self.subsample_size is None:
+            low, high = _SUBSAMPLE_RANGE
+            affordable = math.isqrt(budget // (_EIGH_COPIES * 8))
+            return min(n, max(min(n // 10, high, affordable), min(low, affordable)))
+        if self.subsample_size > n:
+            warnings.warn(
+                f"subsample_size={self.subsample_size} is larger than the number of training "
+                f"points {n}; using {n}",
+                UserWarning,
+                stacklevel=4,
+            )
+            return n
+        return self.subsample_size
+
+    def _preconditioner(
+        self, kernel: Kernel, X: torch.Tensor, generator: torch.Generator, budget: int
+    ) -> tuple[_Preconditioner, float]:
+        """The damped eigensystem of a Nyström subsample and β = max k_P(x, x) (without λ)."""
+        n = X.shape[0]
+        s = self._subsample_size(n, budget)
+        if self.top_q is not None and self.top_q >= s:
+            raise ValueError(f"top_q must be smaller than the subsample size {s}, got {self.top_q}")
+        indices = torch.randperm(n, generator=generator)[:s].to(X.device)
+        centres = X[indices]
+        K_S = kernel(centres, centres, memory_gb=self.memory_gb)
+        wanted = min(s, _MAX_EIGENPAIRS) if self.top_q is None else self.top_q + 1
+        values, vectors = _top_eigenpairs(K_S, wanted)
+        del K_S
+        values /= s
+        # D_j ≈ 1/λ_j amplifies the rounding error of λ_j: small eigenvalues are not used.
+        rounding = 2 * torch.finfo(X.dtype).eps * kernel.max_diagonal / math.sqrt(s)
+        usable = int((values > _ROUNDING_MARGIN * rounding).sum())
+        values, E = values[:usable], (vectors[:, :usable] / math.sqrt(s)).to(X)
+        betas = _damped_diagonal_max(kernel, X, centres, E, values, budget)
+        if self.top_q is None:
+            # Below λ ≈ β/s the subsample cannot resolve the spectrum: m* ≤ s.
+            fits = (betas[1:] / values[1:] + 1 <= s).nonzero()
+            q = int(fits[-1]) + 1 if fits.numel() else 0
+        else:
+            q = min(self.top_q, usable - 1)
+            if q < self.top_q:
+                warnings.warn(
+                    f"top_q={self.top_q} reaches eigenvalues at the rounding level of the "
+                    f"subsample kernel; using top_q={q}",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        head, tail = values[:q], float(values[q])
+        pre = _Preconditioner(
+            indices=indices,
+            centres=centres,
+            E=E[:, :q],
+            D=((1 - tail / head) / head).to(X),
+            top=float(values[0]),
+            tail=tail,
+        )
+        return pre, float(betas[q])
+
+
+class _Run:
+    """The epoch loop of one solve: the iterate, stopping, and the divergence guard."""
+
+    def __init__(
+        self,
+        kernel: Kernel,
+        X: torch.Tensor,
+        Y: torch.Tensor,
+        reg: float,
+        pre: _Preconditioner,
+        batch: int,
+        step: float,
+        generator: torch.Generator,
+        memory_gb: float | None,
+    ) -> None:
+        self.kernel, self.X, self.Y, self.reg, self.pre = kernel, X, Y, reg, pre
+        self.batch, self.step, self.generator, self.memory_gb = batch, step, generator, memory_gb
+        self.alpha = torch.zeros_like(Y)
+        self.fitted = torch.zeros_like(Y)
+        self.best_alpha, self.best_fitted = self.alpha, self.fitted
+        self.halvings = 0
+        self.y_norm = float(torch.linalg.vector_norm(Y)) or 1.0  # Y = 0: α stays 0
+
+    def iterate(
+        self,
+        validation: tuple[torch.Tensor, torch.Tensor] | None,
+        epochs: int,
+        tol: float | None,
+        patience: int,
+        verbose: bool,
+    ) -> tuple[xr.Dataset, int, str]:
+        """Run up to ``epochs`` epochs; returns (history, best epoch, stop reason)."""
+        records: dict[str, list[float]] = {"train_residual": [], "seconds": []}
+        if validation is not None:
+            records["val_mse"] = []
+        best_residual, best_val, reference, best_epoch, stale = 1.0, math.inf, math.inf, 0, 0
+        stop_reason = "epochs"
+        bar = tqdm(range(1, epochs + 1), desc="EigenPro", disable=not verbose)
+        for epoch in bar:
+            start = time.perf_counter()
+            residual = self._stable_epoch(best_residual)
+            best_residual = min(best_residual, residual)
+            records["train_residual"].append(residual)
+            postfix = {"residual": f"{residual:.3g}"}
+            if validation is None:
+                best_epoch, self.best_alpha, self.best_fitted = epoch, self.alpha, self.fitted
+            else:
+                predicted = self.kernel.apply(
+                    validation[0], self.X, self.alpha, memory_gb=self.memory_gb
+                )
+                val_mse = float(((predicted - validation[1]) ** 2).mean())
+                records["val_mse"].append(val_mse)
+                postfix["val_mse"] = f"{val_mse:.4g}"
+                if val_mse < best_val:
+                    best_val, best_epoch = val_mse, epoch
+                    self.best_alpha, self.best_fitted = self.alpha.clone(), self.fitted.clone()
+                if val_mse < (1 - _MIN_IMPROVEMENT) * reference:
+                    reference, stale = val_mse, 0
+                else:
+                    stale += 1
+            records["seconds"].append(time.perf_counter() - start)
+            bar.set_postfix(postfix)
+            logger.debug("EigenPro epoch %d: %s", epoch, postfix)
+            if tol is not None and residual <= tol:
+                stop_reason = "tol"
+                break
+            if stale >= patience:
+                stop_reason = "patience"
+                break
+        bar.close()
+        return _history(records), best_epoch, stop_reason
+
+    def _stable_epoch(self, best_residual: float) -> float:
+        """One epoch; on divergence restore α, halve the step and repeat the epoch.
+
+        Divergence: a residual above twice the best so far, or twice √eps when the best is at
+        the rounding level (where it fluctuates).
+        """
+        floor = math.sqrt(torch.finfo(self.X.dtype).eps)
+        while True:
+            saved = self.alpha.clone()
+            residual = self._epoch()
+            if residual <= _DIVERGENCE_FACTOR * max(best_residual, floor):  # False for NaN
+                return residual
+            if self.halvings == _MAX_HALVINGS:
+                raise RuntimeError(
+                    f"EigenPro diverged even after {_MAX_HALVINGS} halvings of the step size "
+                    f"(training residual {residual:.3g}); check the kernel for non-finite values"
+                )
+            self.halvings += 1
+            self.step /= 2
+            self.alpha = saved
+            warnings.warn(
+                f"EigenPro training residual grew to {residual:.3g}; repeating the epoch with "
+                "half the step size",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            logger.warning("EigenPro step size halved (residual %.3g)", residual)
+
+    def _epoch(self) -> float:
+        """One pass over a random permutation in batches; returns the relative residual."""
+        kernel, X, Y, pre, memory_gb = self.kernel, self.X, self.Y, self.pre, self.memory_gb
+        order = torch.randperm(X.shape[0], generator=self.generator).to(X.device)
+        total = torch.zeros((), dtype=X.dtype, device=X.device)
+        for idx in order.split(self.batch):
+            Xb = X[idx]
+            predicted = kernel.apply(Xb, X, self.alpha, memory_gb=memory_gb)
+            self.fitted[idx] = predicted
+            g = predicted - Y[idx]
+            if self.reg:
+                g += self.reg * self.alpha[idx]
+            total += (g**2).sum()
+            self.alpha.index_add_(0, idx, g, alpha=-self.step)
+            if pre.q:
+                correction = pre.correction(kernel, Xb, g, memory_gb)
+                self.alpha.index_add_(0, pre.indices, correction, alpha=self.step)
+        return math.sqrt(float(total)) / self.y_norm
+
+
+def _batch_and_step(
+    beta: float, tail: float, cap: int, batch_size: int | None, n: int
+) -> tuple[int, float, float]:
+    """Batch m, critical batch m* = β/λ_tail + 1 and step η (Ma & Belkin 2019).
+
+    η = m/β below m* (linear scaling) and 2m/(β + (m − 1)λ_tail) from m* on, times the safety
+    factor. Below m* the progress per epoch, set by η/m = 1/β, does not depend on m, while
+    stability needs (η/m)(β + (m − 1)λ_true) < 2: automatic batches are (m* + 1)/2, which
+    tolerates a true preconditioned top eigenvalue up to twice the estimate λ_tail, capped by
+    ``cap`` (the rows of one kernel block within the memory budget), at least _MIN_BATCH.
+    """
+    critical = beta / tail + 1
+    batch = min(batch_size or max(int(min((critical + 1) / 2, cap)), _MIN_BATCH), n)
+    eta = batch / beta if batch < critical else 2 * batch / (beta + (batch - 1) * tail)
+    return batch, critical, _SAFETY * eta
+
+
+def _history(records: dict[str, list[float]]) -> xr.Dataset:
+    epochs = np.arange(1, len(records["seconds"]) + 1)
+    history = xr.Dataset(
+        {name: ("epoch", np.asarray(values)) for name, values in records.items()},
+        coords={"epoch": epochs},
+    )
+    for name in history.data_vars:
+        long_name, definition = _HISTORY_ATTRS[name]
+        history[name].attrs = {"long_name": long_name, "definition": definition}
+    return history
+
+
+def _damped_diagonal_max(
+    kernel: Kernel,
+    X: torch.Tensor,
+    centres: torch.Tensor,
+    E: torch.Tensor,
+    values: torch.Tensor,
+    budget: int,
+) -> torch.Tensor:
+    """β(q) = max_i k_P(x_i, x_i) over the training points for every q = 0, …, k − 1.
+
+    Damping the top q directions to λ_{q+1} gives k_P(x, x) = k(x, x) − Σ_{j≤q} D_j a_j(x)²
+    with a_j(x) = K(x, X_S) E_j and D_j = 1/λ_j − λ_{q+1}/λ_j², i.e. two cumulative sums over j
+    of a_j²/λ_j and a_j²/λ_j². One pass of K(X, X_S) (blocks of rows) serves every q.
+
+    Parameters
+    ----------
+    X : torch.Tensor, shape (n, r)
+    centres : torch.Tensor, shape (s, r)
+    E : torch.Tensor, shape (s, k)
+        Top eigenvectors of K_S/s divided by √s.
+    values : torch.Tensor, shape (k,)
+        Their eigenvalues λ_1 ≥ … ≥ λ_k (float64).
+    budget : int
+        Bytes. Blocks of rows take at most a quarter for the kernel block (the rest is for the
+        (rows, k) sums) and at most ``_PASS_ROWS`` rows.
+
+    Returns
+    -------
+    torch.Tensor, shape (k,), float64
+        β(q) for q = 0 … k − 1 (β(0) = max k(x, x)).
+    """
+    top = kernel.max_diagonal
+    betas = torch.zeros_like(values)
+    betas[0] = top
+    inverse = 1 / values
+    block_bytes = min(budget / 4, _PASS_ROWS * 3 * centres.shape[0] * X.element_size())
+    for _, block in kernel.blocks(X, centres, memory_gb=block_bytes / 1024**3):
+        squares = (block @ E).double() ** 2  # (b, k)
+        by_value = torch.cumsum(squares * inverse, dim=1)
+        by_square = torch.cumsum(squares * inverse**2, dim=1)
+        damped = top - by_value[:, :-1] + values[1:] * by_square[:, :-1]  # q = 1 … k − 1
+        betas[1:] = torch.maximum(betas[1:], damped.amax(dim=0))
+    return betas.clamp(max=top)
+
+
+def _top_eigenpairs(K: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``count`` largest eigenpairs of a symmetric matrix, in float64, descending.
+
+    CPU: LAPACK's ``syevr`` for the wanted subset only (far faster than a full ``eigh``);
+    CUDA: ``torch.linalg.eigh``. Both are dense solvers: iterative ones asked for hundreds of
+    eigenvectors are slow and inaccurate.
+    """
+    s = K.shape[0]
+    if K.device.type == "cpu":
+        values, vectors = scipy.linalg.eigh(
+            K.double().numpy(),
+            subset_by_index=(s - count, s - 1),
+            driver="evr",
+            overwrite_a=True,
+            check_finite=False,
+        )
+        values, vectors = torch.from_numpy(values), torch.from_numpy(vectors)
+    else:
+        values, vectors = torch.linalg.eigh(K.double())
+        values, vectors = values[s - count :], vectors[:, s - count :]
+    return values.flip(0).to(K.device), vectors.flip(1).to(K.device)
+
+
+def _metric_factor(M: torch.Tensor | None, X: torch.Tensor) -> torch.Tensor | None:
+    """F (d, r) with F Fᵀ = M and r = rank M, so that ‖x − z‖_M = ‖(x − z) F‖.
+
+    Transforming the data once saves the d×d product that every kernel call with M would
+    repeat on all n rows, and a low-rank M shrinks the kernel products from d to r columns.
+    """
+    if M is None:
+        return None
+    d = X.shape[1]
+    if not isinstance(M, torch.Tensor):
+        raise TypeError(f"M must be a torch.Tensor or None, got {type(M).__name__}")
+    if M.shape != (d, d):
+        raise ValueError(f"M must have shape ({d}, {d}), got {tuple(M.shape)}")
+    if M.device != X.device:
+        raise ValueError(f"M is on {M.device} but X is on {X.device}")
+    M = M.double()
+    if not torch.isfinite(M).all():
+        raise ValueError("M contains NaN or infinite values")
+    scale = float(M.abs().max())
+    if not torch.allclose(M, M.T, rtol=0.0, atol=1e-6 * scale):
+        raise ValueError("M must be symmetric")
+    values, vectors = torch.linalg.eigh((M + M.T) / 2)
+    tolerance = math.sqrt(torch.finfo(X.dtype).eps) * max(float(values[-1]), 0.0)
+    if float(values[0]) < -tolerance:
+        raise ValueError(
+            f"M must be positive semi-definite, but has eigenvalue {float(values[0]):.3g}"
+        )
+    kept = values > d * torch.finfo(X.dtype).eps * float(values[-1])
+    return (vectors[:, kept] * values[kept].sqrt()).to(X.dtype)
+
+
+def _transform(X: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    return X if factor is None else X @ factor
+
+
+def _check_training_data(X, Y) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(X, torch.Tensor) or not isinstance(Y, torch.Tensor):
+        raise TypeError("X and Y must be torch tensors")
+    if X.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"X must be a float32 or float64 tensor, got {X.dtype}")
+    if X.ndim != 2:
+        raise ValueError(f"X must be a 2-D tensor (n, d), got shape {tuple(X.shape)}")
+    if Y.ndim != 2:
+        raise ValueError(f"Y must be a 2-D tensor (n, c), got shape {tuple(Y.shape)}")
+    if Y.shape[0] != X.shape[0]:
+        raise ValueError(f"X and Y have different numbers of rows: {X.shape[0]} and {Y.shape[0]}")
+    if Y.device != X.device:
+        raise ValueError(f"Y is on {Y.device} but X is on {X.device}")
+    Y = Y.to(X.dtype)
+    for name, tensor in (("X", X), ("Y", Y)):
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+    return X, Y
+
+
+def _check_eval_set(eval_set, X: torch.Tensor, Y: torch.Tensor):
+    if not isinstance(eval_set, (tuple, list)) or len(eval_set) != 2:
+        raise TypeError("eval_set must be a pair (X_val, Y_val)")
+    X_val, Y_val = eval_set
+    if not isinstance(X_val, torch.Tensor) or not isinstance(Y_val, torch.Tensor):
+        raise TypeError("eval_set must hold two torch tensors")
+    if X_val.ndim != 2 or X_val.shape[1] != X.shape[1]:
+        raise ValueError(f"eval_set X must have shape (m, {X.shape[1]}), got {tuple(X_val.shape)}")
+    if Y_val.shape != (X_val.shape[0], Y.shape[1]):
+        raise ValueError(
+            f"eval_set Y must have shape ({X_val.shape[0]}, {Y.shape[1]}), got {tuple(Y_val.shape)}"
+        )
+    if X_val.device != X.device or Y_val.device != X.device:
+        raise ValueError(f"eval_set must be on the device of X ({X.device})")
+    X_val, Y_val = X_val.to(X.dtype), Y_val.to(X.dtype)
+    if not (torch.isfinite(X_val).all() and torch.isfinite(Y_val).all()):
+        raise ValueError("eval_set contains NaN or infinite values")
+    return X_val, Y_val
+
+
+def _check_reg(reg) -> float:
+    if isinstance(reg, bool) or not isinstance(reg, (int, float)):
+        raise TypeError(f"reg must be a number >= 0, got {reg!r}")
+    if not 0 <= reg < math.inf:
+        raise ValueError(f"reg must be a finite number >= 0, got {reg!r}")
+    return float(reg)
+
+
+def _check_int(value, name: str, *, low: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+
+
+def _check_positive(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive number, got {value!r}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
