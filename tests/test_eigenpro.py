@@ -15,7 +15,7 @@ import deeprfm.solvers.eigenpro as eigenpro_module
 from deeprfm import RFMClassifier
 from deeprfm.kernels import GaussianKernel, LaplaceKernel
 from deeprfm.solvers import DirectSolver, EigenProSolver, make_solver
-from deeprfm.solvers.eigenpro import _batch_and_step
+from deeprfm.solvers.eigenpro import _batch_size, _damped_diagonal_max, _step_size
 
 
 def _teacher_problem(n: int, d: int = 10, classes: int = 4, seed: int = 0, scale: float = 1.0):
@@ -172,20 +172,61 @@ def test_plain_sgd_without_preconditioning(problem):
     assert np.all(np.diff(residuals) < 0)
 
 
+def test_beta_is_the_largest_damped_diagonal_for_every_q():
+    X, _ = _teacher_problem(500)
+    kernel = LaplaceKernel(6.0)
+    centres = X[:100]
+    values, vectors = torch.linalg.eigh(kernel(centres, centres).double() / 100)
+    values, E = values.flip(0)[:20], (vectors.flip(1)[:, :20] / 10).float()
+    betas = _damped_diagonal_max(kernel, X, centres, E, values, budget=2**20)  # many blocks
+    A = kernel(X, centres).double() @ E.double()  # (n, 20): K(x_i, X_S) E_j
+    for q in range(20):
+        D = (1 - values[q] / values[:q]) / values[:q]
+        expected = (kernel.max_diagonal - A[:, :q] ** 2 @ D).max()
+        assert float(betas[q]) == pytest.approx(float(expected), rel=1e-4)
+    assert torch.all(betas[1:] < betas[0])
+
+
+def test_the_solver_uses_the_exact_beta_of_its_preconditioner():
+    X, Y = _teacher_problem(600)
+    kernel, reg = LaplaceKernel(6.0), 0.1
+    solver = EigenProSolver(epochs=1, subsample_size=200, random_state=0)
+    pre, beta = solver._preconditioner(kernel, X, torch.Generator().manual_seed(0), 2**30)
+    A = kernel(X, X[pre.indices]).double() @ pre.E.double()
+    assert pre.q > 0
+    assert beta == pytest.approx(float((1 - A**2 @ pre.D.double()).max()), rel=1e-4)
+    info = solver.solve(kernel, X, Y, reg=reg).info
+    assert info["beta"] == pytest.approx(beta + reg)
+    assert info["tail_eigenvalue"] == pytest.approx(pre.tail)
+
+
 def test_batch_size_and_step_size_rules():
     safety = eigenpro_module._SAFETY
     beta, tail = 0.5, 1e-3  # critical batch m* = 501
-    batch, critical, eta = _batch_and_step(beta, tail, cap=10_000, batch_size=None, n=10**6)
-    assert critical == pytest.approx(501)
-    assert batch == 251 and eta == pytest.approx(safety * 251 / beta)  # half of m*
-    batch, _, eta = _batch_and_step(beta, tail, cap=100, batch_size=None, n=10**6)
-    assert batch == 100 and eta == pytest.approx(safety * 100 / beta)
-    batch, _, eta = _batch_and_step(beta, tail, cap=100, batch_size=2000, n=10**6)
-    assert batch == 2000 and eta == pytest.approx(safety * 2 * 2000 / (beta + 1999 * tail))
-    _, _, at_critical = _batch_and_step(beta, tail, cap=100, batch_size=501, n=10**6)
-    assert at_critical == pytest.approx(safety * 501 / beta)  # the two rules meet at m*
-    assert _batch_and_step(beta, 0.1, cap=100, batch_size=None, n=10**6)[0] == 64
-    assert _batch_and_step(beta, tail, cap=10_000, batch_size=None, n=200)[0] == 200
+    assert _batch_size(beta, tail, cap=10_000, batch_size=None, n=10**6) == 251  # half of m*
+    assert _batch_size(beta, tail, cap=100, batch_size=None, n=10**6) == 100
+    assert _batch_size(beta, 0.1, cap=100, batch_size=None, n=10**6) == 64
+    assert _batch_size(beta, tail, cap=10_000, batch_size=None, n=200) == 200
+    assert _batch_size(beta, tail, cap=10_000, batch_size=2000, n=10**6) == 2000
+    with pytest.warns(UserWarning, match="batch_size=2000 exceeds the 100 rows"):
+        assert _batch_size(beta, tail, cap=100, batch_size=2000, n=10**6) == 100
+    assert _step_size(beta, tail, 251) == pytest.approx(safety * 251 / beta)
+    assert _step_size(beta, tail, 2000) == pytest.approx(safety * 2 * 2000 / (beta + 1999 * tail))
+    assert _step_size(beta, tail, 501) == pytest.approx(safety * 501 / beta)  # rules meet at m*
+
+
+def test_a_small_memory_budget_gives_small_batches(problem):
+    X, Y, X_test, _ = problem
+    kernel = LaplaceKernel(6.0)
+    small = EigenProSolver(epochs=10, subsample_size=1000, memory_gb=0.005, random_state=0)
+    small = small.solve(kernel, X, Y, reg=1e-2)
+    large = EigenProSolver(epochs=10, subsample_size=1000, random_state=0).solve(
+        kernel, X, Y, reg=1e-2
+    )
+    # one (m, n) block of 3 float32 temporaries in 0.005 GiB: m = 149
+    assert small.info["batch_size"] == 149 < large.info["batch_size"]
+    predicted = kernel.apply(X_test, X, small.alpha)
+    assert _relative(predicted, kernel.apply(X_test, X, large.alpha)) < 0.02
 
 
 def test_a_too_large_step_is_halved_until_stable(problem, monkeypatch):

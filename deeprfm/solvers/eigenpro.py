@@ -96,8 +96,6 @@ class _Preconditioner:
     ----------
     indices : torch.Tensor, shape (s,)
         Rows of the subsample S in the training set.
-    centres : torch.Tensor, shape (s, r)
-        The (metric-transformed) subsample points.
     E : torch.Tensor, shape (s, q)
         Top-q eigenvectors of K_S/s divided by √s.
     D : torch.Tensor, shape (q,)
@@ -109,7 +107,6 @@ class _Preconditioner:
     """
 
     indices: torch.Tensor
-    centres: torch.Tensor
     E: torch.Tensor
     D: torch.Tensor
     top: float
@@ -119,12 +116,9 @@ class _Preconditioner:
     def q(self) -> int:
         return self.D.shape[0]
 
-    def correction(
-        self, kernel: Kernel, Xb: torch.Tensor, g: torch.Tensor, memory_gb: float | None
-    ) -> torch.Tensor:
-        """E diag(D) Eᵀ K(X_S, X_B) g, shape (s, c)."""
-        projected = self.E.T @ kernel.apply(self.centres, Xb, g, memory_gb=memory_gb)
-        return self.E @ (self.D[:, None] * projected)
+    def correction(self, K_SB_g: torch.Tensor) -> torch.Tensor:
+        """E diag(D) Eᵀ K(X_S, X_B) g (s, c) from K(X_S, X_B) g (s, c)."""
+        return self.E @ (self.D[:, None] * (self.E.T @ K_SB_g))
 
 
 class EigenProSolver(KernelSolver):
@@ -272,9 +266,8 @@ class EigenProSolver(KernelSolver):
         beta += reg
         tail = pre.tail + reg / n
         row_bytes = 3 * n * X.element_size()  # a row of an (m, n) kernel block, temporaries
-        cap = rows_per_block(budget, row_bytes, n)
-        batch, critical, eta = _batch_and_step(beta, tail, cap, self.batch_size, n)
-        block_gb = min(batch * row_bytes, budget) / 1024**3  # every later product: one batch
+        batch = _batch_size(beta, tail, rows_per_block(budget, row_bytes, n), self.batch_size, n)
+        eta = _step_size(beta, tail, batch)
         setup_seconds = time.perf_counter() - start
         logger.info(
             "EigenPro setup in %.1fs: s=%d, q=%d, batch=%d (critical %.0f), eta=%.3g, "
@@ -283,13 +276,14 @@ class EigenProSolver(KernelSolver):
             pre.indices.shape[0],
             pre.q,
             batch,
-            critical,
+            beta / tail + 1,
             eta,
             beta,
             pre.top,
             pre.tail,
         )
-        run = _Run(kernel, X, Y, reg, pre, batch, eta / batch, generator, block_gb)
+        block_gb = (batch + 0.5) * row_bytes / 1024**3  # kernel blocks of exactly m rows
+        run = _Run(kernel, X, Y, reg, pre, (beta, tail), generator, block_gb)
         history, best_epoch, stop_reason = run.iterate(
             validation, self.epochs, self.tol, self.patience, self.verbose
         )
@@ -309,8 +303,8 @@ class EigenProSolver(KernelSolver):
             "subsample_size": pre.indices.shape[0],
             "top_q": pre.q,
             "batch_size": batch,
-            "critical_batch_size": critical,
-            "step_size": run.step * batch,
+            "critical_batch_size": beta / tail + 1,
+            "step_size": run.scale * eta,
             "beta": beta,
             "top_eigenvalue": pre.top,
             "tail_eigenvalue": pre.tail,
@@ -372,7 +366,6 @@ class EigenProSolver(KernelSolver):
         head, tail = values[:q], float(values[q])
         pre = _Preconditioner(
             indices=indices,
-            centres=centres,
             E=E[:, :q],
             D=((1 - tail / head) / head).to(X),
             top=float(values[0]),
@@ -391,13 +384,13 @@ class _Run:
         Y: torch.Tensor,
         reg: float,
         pre: _Preconditioner,
-        batch: int,
-        step: float,
+        spectrum: tuple[float, float],
         generator: torch.Generator,
-        memory_gb: float | None,
+        memory_gb: float,
     ) -> None:
         self.kernel, self.X, self.Y, self.reg, self.pre = kernel, X, Y, reg, pre
-        self.batch, self.step, self.generator, self.memory_gb = batch, step, generator, memory_gb
+        self.spectrum, self.generator, self.memory_gb = spectrum, generator, memory_gb
+        self.scale = 1.0  # halved on divergence
         self.alpha = torch.zeros_like(Y)
         self.fitted = torch.zeros_like(Y)
         self.best_alpha, self.best_fitted = self.alpha, self.fitted
@@ -471,7 +464,7 @@ class _Run:
                     f"(training residual {residual:.3g}); check the kernel for non-finite values"
                 )
             self.halvings += 1
-            self.step /= 2
+            self.scale /= 2
             self.alpha = saved
             warnings.warn(
                 f"EigenPro training residual grew to {residual:.3g}; repeating the epoch with "
@@ -482,40 +475,57 @@ class _Run:
             logger.warning("EigenPro step size halved (residual %.3g)", residual)
 
     def _epoch(self) -> float:
-        """One pass over a random permutation in batches; returns the relative residual."""
-        kernel, X, Y, pre, memory_gb = self.kernel, self.X, self.Y, self.pre, self.memory_gb
+        """One pass over a random permutation in batches; returns the relative residual.
+
+        The batches are the row blocks of one kernel evaluation K(X[order], X) (blocks of m
+        rows by the memory given), computed lazily, each after the previous update: the
+        centres' norms are computed once per epoch, not once per batch.
+        """
+        X, pre = self.X, self.pre
         order = torch.randperm(X.shape[0], generator=self.generator).to(X.device)
         total = torch.zeros((), dtype=X.dtype, device=X.device)
-        for idx in order.split(self.batch):
-            Xb = X[idx]
-            predicted = kernel.apply(Xb, X, self.alpha, memory_gb=memory_gb)
+        for rows, block in self.kernel.blocks(X[order], X, memory_gb=self.memory_gb):
+            idx = order[rows]
+            predicted = block @ self.alpha
             self.fitted[idx] = predicted
-            g = predicted - Y[idx]
+            g = predicted - self.Y[idx]
             if self.reg:
                 g += self.reg * self.alpha[idx]
             total += (g**2).sum()
-            self.alpha.index_add_(0, idx, g, alpha=-self.step)
-            if pre.q:
-                correction = pre.correction(kernel, Xb, g, memory_gb)
-                self.alpha.index_add_(0, pre.indices, correction, alpha=self.step)
+            step = self.scale * _step_size(*self.spectrum, idx.shape[0]) / idx.shape[0]
+            self.alpha.index_add_(0, idx, g, alpha=-step)
+            if pre.q:  # S ⊂ X: K(X_S, X_B) is a set of columns of the block, no extra kernel
+                correction = pre.correction(block[:, pre.indices].T @ g)
+                self.alpha.index_add_(0, pre.indices, correction, alpha=step)
         return math.sqrt(float(total)) / self.y_norm
 
 
-def _batch_and_step(
-    beta: float, tail: float, cap: int, batch_size: int | None, n: int
-) -> tuple[int, float, float]:
-    """Batch m, critical batch m* = β/λ_tail + 1 and step η (Ma & Belkin 2019).
+def _batch_size(beta: float, tail: float, cap: int, batch_size: int | None, n: int) -> int:
+    """The batch m: (m* + 1)/2 with m* = β/λ_tail + 1 unless given, within [_MIN_BATCH, cap].
 
-    η = m/β below m* (linear scaling) and 2m/(β + (m − 1)λ_tail) from m* on, times the safety
-    factor. Below m* the progress per epoch, set by η/m = 1/β, does not depend on m, while
-    stability needs (η/m)(β + (m − 1)λ_true) < 2: automatic batches are (m* + 1)/2, which
-    tolerates a true preconditioned top eigenvalue up to twice the estimate λ_tail, capped by
-    ``cap`` (the rows of one kernel block within the memory budget), at least _MIN_BATCH.
+    Below m* the progress per epoch, set by η/m = 1/β, does not depend on m, while stability
+    needs (η/m)(β + (m − 1)λ_true) < 2: half of m* tolerates a true preconditioned top
+    eigenvalue up to twice the estimate λ_tail. ``cap`` is the rows of one (m, n) kernel block
+    within the memory budget; a larger ``batch_size`` is reduced to it with a warning.
     """
+    if batch_size is None:
+        return min(max(int(min((beta / tail + 2) / 2, cap)), _MIN_BATCH), n)
+    if batch_size > cap:
+        warnings.warn(
+            f"batch_size={batch_size} exceeds the {cap} rows of one kernel block within the "
+            f"memory budget; using {cap}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return min(batch_size, cap, n)
+
+
+def _step_size(beta: float, tail: float, m: int) -> float:
+    """η(m) = m/β below m* = β/λ_tail + 1, 2m/(β + (m − 1)λ_tail) from m* on, times the safety
+    factor (Ma & Belkin 2019); the two rules meet at m*."""
     critical = beta / tail + 1
-    batch = min(batch_size or max(int(min((critical + 1) / 2, cap)), _MIN_BATCH), n)
-    eta = batch / beta if batch < critical else 2 * batch / (beta + (batch - 1) * tail)
-    return batch, critical, _SAFETY * eta
+    eta = m / beta if m < critical else 2 * m / (beta + (m - 1) * tail)
+    return _SAFETY * eta
 
 
 def _history(records: dict[str, list[float]]) -> xr.Dataset:
