@@ -104,8 +104,10 @@ def kernel_agop(
         v = torch.zeros(Zb.shape[0], c, d, dtype=X.dtype, device=X.device)
         for first in range(0, n, centre_rows):
             centres = slice(first, first + centre_rows)
-            sq = _sq_distances_from(X[centres], x_sq[centres], ZM, z_sq)  # (t, b)
-            _, weights = kernel.value_and_weight(sq)  # (t, b)
+            # only the (t, b) weights outlive this line: distances and values are freed
+            weights = kernel.value_and_weight(
+                _sq_distances_from(X[centres], x_sq[centres], ZM, z_sq)
+            )[1]
             a = alpha[centres]  # (t, c)
             per_class = weights.T[:, None, :] * a.T[None, :, :]  # (b, c, t)
             v += (per_class.reshape(-1, a.shape[0]) @ X[centres]).view(-1, c, d)

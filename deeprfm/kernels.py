@@ -103,6 +103,16 @@ class Kernel(ABC):
     #: Largest value of k(x, x) over all x (β in EigenPro); 1 for every kernel here.
     max_diagonal: float = 1.0
 
+    def from_sq_dist_(self, sq: torch.Tensor) -> torch.Tensor:
+        """Kernel values φ(s) that may overwrite ``sq`` (its owner no longer needs it).
+
+        The blocked computations call this on the distance blocks they create: the built-in
+        kernels compute φ in place, sparing the temporaries of a chain of elementwise
+        operations on an (m, n) block (not differentiable: autograd needs ``from_sq_dist``).
+        The default returns ``from_sq_dist(sq)``.
+        """
+        return self.from_sq_dist(sq)
+
     def value_and_weight(self, sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Kernel values and gradient weights from squared distances (may reuse ``sq``)."""
         K = self.from_sq_dist(sq)
@@ -157,7 +167,7 @@ class Kernel(ABC):
         for start in range(0, X.shape[0], step):
             rows = slice(start, start + step)
             Xb = X[rows] - shift
-            yield rows, self.from_sq_dist(_sq_distances_from(Xb, m_sq_norms(Xb, M), ZM, z_sq))
+            yield rows, self.from_sq_dist_(_sq_distances_from(Xb, m_sq_norms(Xb, M), ZM, z_sq))
 
     def apply(
         self,
@@ -199,6 +209,9 @@ class LaplaceKernel(Kernel):
     def from_sq_dist(self, sq: torch.Tensor) -> torch.Tensor:
         return torch.exp(-sq.sqrt() / self.bandwidth)
 
+    def from_sq_dist_(self, sq: torch.Tensor) -> torch.Tensor:
+        return sq.sqrt_().mul_(-1.0 / self.bandwidth).exp_()
+
     def gradient_weight(self, K: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
         dist = sq.sqrt()
         safe = torch.where(dist > 0, dist, torch.ones_like(dist))
@@ -219,6 +232,9 @@ class GaussianKernel(Kernel):
 
     def from_sq_dist(self, sq: torch.Tensor) -> torch.Tensor:
         return torch.exp(-sq / (2.0 * self.bandwidth**2))
+
+    def from_sq_dist_(self, sq: torch.Tensor) -> torch.Tensor:
+        return sq.mul_(-0.5 / self.bandwidth**2).exp_()
 
     def gradient_weight(self, K: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
         return K / self.bandwidth**2
@@ -246,6 +262,9 @@ class GeneralizedLaplaceKernel(Kernel):
 
     def from_sq_dist(self, sq: torch.Tensor) -> torch.Tensor:
         return torch.exp(-(sq ** (self.exponent / 2)) / self.bandwidth**self.exponent)
+
+    def from_sq_dist_(self, sq: torch.Tensor) -> torch.Tensor:
+        return sq.pow_(self.exponent / 2).mul_(-1.0 / self.bandwidth**self.exponent).exp_()
 
     def gradient_weight(self, K: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
         gamma = self.exponent

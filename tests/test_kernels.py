@@ -9,6 +9,7 @@ from conftest import direct_sq_distances, random_psd
 from deeprfm.kernels import (
     GaussianKernel,
     GeneralizedLaplaceKernel,
+    Kernel,
     LaplaceKernel,
     make_kernel,
     sq_distances,
@@ -99,6 +100,32 @@ def test_value_and_weight_agrees_with_separate_calls(kernel):
     values, weights = kernel.value_and_weight(sq.clone())
     torch.testing.assert_close(values, K)
     torch.testing.assert_close(weights, kernel.gradient_weight(K, sq))
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
+def test_from_sq_dist_keeps_its_input_and_the_in_place_variant_reuses_it(kernel):
+    sq = torch.tensor([[0.0, 0.25], [4.0, 9.0]], dtype=torch.float64)
+    original = sq.clone()
+    values = kernel.from_sq_dist(sq)
+    torch.testing.assert_close(sq, original)
+    torch.testing.assert_close(values, _reference(kernel, original))
+    in_place = kernel.from_sq_dist_(sq)
+    assert in_place.data_ptr() == sq.data_ptr()
+    torch.testing.assert_close(in_place, values)
+
+
+def test_a_user_kernel_with_only_from_sq_dist_works_blocked():
+    class Cauchy(Kernel):
+        def from_sq_dist(self, sq):
+            return 1 / (1 + sq / self.bandwidth**2)
+
+        def gradient_weight(self, K, sq):
+            return 2 * K**2 / self.bandwidth**2
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    expected = 1 / (1 + direct_sq_distances(X, X[:7], torch.eye(3, dtype=torch.float64)) / 4.0)
+    torch.testing.assert_close(Cauchy(2.0)(X, X[:7], memory_gb=1e-6), expected)
 
 
 def test_float32_kernel_with_a_large_common_offset_stays_positive_definite():
