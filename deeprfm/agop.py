@@ -109,7 +109,10 @@ def kernel_agop(
                 _sq_distances_from(X[centres], x_sq[centres], ZM, z_sq)
             )[1]
             a = alpha[centres]  # (t, c)
-            per_class = weights.T[:, None, :] * a.T[None, :, :]  # (b, c, t)
+            # written into a contiguous (b, c, t) block: a plain product would take the strides
+            # of weights.T, and the reshape below would copy all of it
+            per_class = torch.empty(Zb.shape[0], c, a.shape[0], dtype=X.dtype, device=X.device)
+            torch.mul(weights.T[:, None, :], a.T[None, :, :], out=per_class)
             v += (per_class.reshape(-1, a.shape[0]) @ X[centres]).view(-1, c, d)
             v -= (weights.T @ a)[:, :, None] * Zb[:, None, :]
         grad_sum += v.sum(dim=0)
