@@ -72,6 +72,7 @@ def split(n_train: int, n_val: int, n_test: int):
 
 
 def peak_rss_gb() -> float:
+    """Peak resident memory of this process in GiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
 
 
@@ -218,7 +219,7 @@ def part1(n: int) -> None:
     print(f"one n×n×d kernel evaluation (kernel.apply, best of 2): {kernel['seconds']:.1f} s")
     print(
         f"\n{'solver':<22} {'seconds':>8} {'× direct':>8} {'test acc':>9} {'gap':>7} "
-        f"{'peak GB':>8} {'+GB':>6} {'epochs':>7} {'s/epoch':>8}"
+        f"{'peak GiB':>8} {'+GiB':>6} {'epochs':>7} {'s/epoch':>8}"
     )
     extra = direct["peak_gb"] - direct["base_gb"]
     print(
@@ -248,10 +249,12 @@ def part2(n: int, epochs: int, memory_mib: int) -> None:
     print(f"\nPart 2: n = {n}, d = {D}")
     for mib in sorted({0, memory_mib}):
         agop = run("agop", n, mib)
+        extra = agop["peak_gb"] - agop["base_gb"]
+        verdict = "within" if extra <= agop["budget_gb"] else "OVER"
         print(
             f"kernel_agop (5 000 points), budget {agop['budget_gb']:.2f} GiB: "
-            f"+{agop['peak_gb'] - agop['base_gb']:.2f} GB over the data, peak "
-            f"{agop['peak_gb']:.2f} GB, {agop['seconds']:.0f} s"
+            f"+{extra:.2f} GiB over the data ({verdict} the budget), peak "
+            f"{agop['peak_gb']:.2f} GiB, {agop['seconds']:.0f} s"
         )
     budget = f"{memory_mib / 1024:g} GiB" if memory_mib else "default"
     print(f"RFMClassifier(iters=1, EigenProSolver(epochs={epochs})), memory_gb: {budget}")
@@ -263,8 +266,8 @@ def part2(n: int, epochs: int, memory_mib: int) -> None:
         f"(validation included); AGOP {rfm['agop']:.0f} s"
     )
     print(
-        f"peak resident memory {rfm['peak_gb']:.2f} GB (data and interpreter "
-        f"{rfm['base_gb']:.2f} GB); val acc by iteration "
+        f"peak resident memory {rfm['peak_gb']:.2f} GiB (data and interpreter "
+        f"{rfm['base_gb']:.2f} GiB); val acc by iteration "
         f"{', '.join(f'{a:.4f}' for a in rfm['val_acc'])}; test acc {rfm['test_acc']:.4f}"
     )
 
