@@ -26,7 +26,9 @@ Setup, once per solve:
 
 Iteration on a batch B (a random permutation split into batches, each point once per epoch):
 g = K(X_B, X) α − Y_B + λ α_B; α_B ← α_B − (η/m) g;
-α_S ← α_S + (η/m) E diag(D) Eᵀ K(X_S, X_B) g.
+α_S ← α_S + (η/m) E diag(D) Eᵀ K(X_S, X_B) g, where K(X_S, X_B) are columns of the batch's
+block K(X_B, X) (S ⊂ X). The batches are the row blocks of one kernel evaluation
+K(X[permutation], X) per epoch.
 """
 
 from __future__ import annotations
@@ -143,7 +145,8 @@ class EigenProSolver(KernelSolver):
     batch_size : int, optional
         Batch size m; default (m* + 1)/2 with m* the critical batch size, capped by the rows
         of one kernel block within the memory budget, at least 64. A batch above m* gets the
-        smaller step 2m/(β + (m − 1)λ_{q+1}).
+        smaller step 2m/(β + (m − 1)λ_{q+1}); one above the memory cap is reduced to it with
+        a warning.
     tol : float, optional
         Stop once the relative training residual ‖(K + λI)α − Y‖/‖Y‖ of an epoch is ≤ tol.
     patience : int
