@@ -63,9 +63,9 @@ def main() -> None:
             f"{float(row.collapse_seconds):>10.1f} {float(row.train_acc):>9.4f} "
             f"{float(row.eval_acc):>8.4f} {float(row.nc1_trace.sel(stage='input')):>9.4f}"
         )
-    print(f"whole fit: {total:.1f} s; peak resident memory: {peak_rss_gb():.2f} GB")
+    print(f"whole fit: {total:.1f} s; peak resident memory: {peak_rss_gb():.2f} GiB")
     if model.X_fit_.device.type == "cuda":
-        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB")
+        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 1024**3:.2f} GiB")
 
 
 if __name__ == "__main__":
