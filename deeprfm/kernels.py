@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
-from deeprfm._memory import memory_budget, rows_per_block
+from deeprfm._memory import kernel_block_budget, rows_per_block
 
 __all__ = [
     "GaussianKernel",
@@ -138,7 +138,8 @@ class Kernel(ABC):
         M : torch.Tensor, shape (d, d), optional
             Metric; ``None`` means the identity.
         memory_gb : float, optional
-            Budget for the temporaries besides the (n, m) result; ``None``: a safe default.
+            Budget for the temporaries besides the (n, m) result; ``None``: a safe default
+            (on the CPU blocks of at most 256 MiB, which are faster than larger ones).
 
         Returns
         -------
@@ -158,7 +159,7 @@ class Kernel(ABC):
         memory_gb: float | None = None,
     ) -> Iterator[tuple[slice, torch.Tensor]]:
         """Yield ``(rows, K_M(X[rows], Z))`` over row blocks of ``X`` within the budget."""
-        budget = memory_budget(memory_gb, X.device)
+        budget = kernel_block_budget(memory_gb, X.device)
         shift = Z.mean(dim=0)
         Z = Z - shift
         ZM = Z if M is None else Z @ M
@@ -190,6 +191,7 @@ class Kernel(ABC):
             Coefficients.
         M : torch.Tensor, shape (d, d), optional
         memory_gb : float, optional
+            Budget for the temporaries, as in ``__call__``.
 
         Returns
         -------

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import direct_sq_distances, random_psd
 
+import deeprfm._memory
 from deeprfm.kernels import (
     GaussianKernel,
     GeneralizedLaplaceKernel,
@@ -126,6 +127,15 @@ def test_a_user_kernel_with_only_from_sq_dist_works_blocked():
     X = torch.randn(50, 3, generator=g, dtype=torch.float64)
     expected = 1 / (1 + direct_sq_distances(X, X[:7], torch.eye(3, dtype=torch.float64)) / 4.0)
     torch.testing.assert_close(Cauchy(2.0)(X, X[:7], memory_gb=1e-6), expected)
+
+
+def test_default_cpu_blocks_are_capped_and_an_explicit_budget_is_used_as_given(monkeypatch):
+    monkeypatch.setattr(deeprfm._memory, "CPU_KERNEL_BLOCK", 3 * 200 * 4 * 50)  # 50 rows
+    X, Z = torch.randn(120, 3), torch.randn(200, 3)
+    kernel = LaplaceKernel(2.0)
+    assert [block.shape[0] for _, block in kernel.blocks(X, Z)] == [50, 50, 20]
+    assert [block.shape[0] for _, block in kernel.blocks(X, Z, memory_gb=1.0)] == [120]
+    torch.testing.assert_close(kernel(X, Z), kernel(X, Z, memory_gb=1.0))
 
 
 def test_float32_kernel_with_a_large_common_offset_stays_positive_definite():
