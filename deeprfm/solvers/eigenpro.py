@@ -45,7 +45,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from deeprfm._memory import kernel_block_budget, memory_budget, rows_per_block
+from deeprfm._memory import memory_budget, rows_per_block
 from deeprfm.kernels import Kernel
 from deeprfm.solvers.base import KernelFit, KernelSolver
 
@@ -144,8 +144,7 @@ class EigenProSolver(KernelSolver):
         (at most 999) whose critical batch size m* is at most s.
     batch_size : int, optional
         Batch size m; default (m* + 1)/2 with m* the critical batch size, capped by the rows
-        of one kernel block within the memory budget (without ``memory_gb``, on the CPU, of
-        one 256 MiB block: larger ones are slower there), at least 64. A batch above m* gets the
+        of one kernel block within the memory budget, at least 64. A batch above m* gets the
         smaller step 2m/(β + (m − 1)λ_{q+1}); one above the memory cap is reduced to it with
         a warning.
     tol : float, optional
@@ -270,9 +269,7 @@ class EigenProSolver(KernelSolver):
         beta += reg
         tail = pre.tail + reg / n
         row_bytes = 3 * n * X.element_size()  # a row of an (m, n) kernel block, temporaries
-        # a given batch may fill the budget; the automatic one keeps to the default kernel block
-        block = budget if self.batch_size else kernel_block_budget(self.memory_gb, X.device)
-        batch = _batch_size(beta, tail, rows_per_block(block, row_bytes, n), self.batch_size, n)
+        batch = _batch_size(beta, tail, rows_per_block(budget, row_bytes, n), self.batch_size, n)
         eta = _step_size(beta, tail, batch)
         setup_seconds = time.perf_counter() - start
         logger.info(
