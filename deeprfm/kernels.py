@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 
 from deeprfm._memory import kernel_block_budget, rows_per_block
+from deeprfm._validation import check_number
 
 __all__ = [
     "GaussianKernel",
@@ -157,18 +158,26 @@ class Kernel(ABC):
         M: torch.Tensor | None = None,
         *,
         memory_gb: float | None = None,
+        rows: int | None = None,
     ) -> Iterator[tuple[slice, torch.Tensor]]:
-        """Yield ``(rows, K_M(X[rows], Z))`` over row blocks of ``X`` within the budget."""
-        budget = kernel_block_budget(memory_gb, X.device)
+        """Yield ``(rows, K_M(X[rows], Z))`` over row blocks of ``X``.
+
+        The blocks have ``rows`` rows each (the last may have fewer) or, by default, as many
+        as the budget ``memory_gb`` allows for three (rows, m) temporaries.
+        """
+        if rows is None:
+            budget = kernel_block_budget(memory_gb, X.device)
+            rows = rows_per_block(budget, 3 * Z.shape[0] * X.element_size(), X.shape[0], 32)
+        else:
+            check_number(rows, "rows", integer=True, low=1)
         shift = Z.mean(dim=0)
         Z = Z - shift
         ZM = Z if M is None else Z @ M
         z_sq = (ZM * Z).sum(dim=1)
-        step = rows_per_block(budget, 3 * Z.shape[0] * X.element_size(), X.shape[0], minimum=32)
-        for start in range(0, X.shape[0], step):
-            rows = slice(start, start + step)
-            Xb = X[rows] - shift
-            yield rows, self.from_sq_dist_(_sq_distances_from(Xb, m_sq_norms(Xb, M), ZM, z_sq))
+        for start in range(0, X.shape[0], rows):
+            block = slice(start, start + rows)
+            Xb = X[block] - shift
+            yield block, self.from_sq_dist_(_sq_distances_from(Xb, m_sq_norms(Xb, M), ZM, z_sq))
 
     def apply(
         self,

@@ -138,6 +138,18 @@ def test_default_cpu_blocks_are_capped_and_an_explicit_budget_is_used_as_given(m
     torch.testing.assert_close(kernel(X, Z), kernel(X, Z, memory_gb=1.0))
 
 
+def test_blocks_of_a_given_height():
+    X, Z = torch.randn(70, 3, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
+    kernel = GaussianKernel(1.5)
+    blocks = list(kernel.blocks(X, Z, rows=30))
+    assert [block.shape[0] for _, block in blocks] == [30, 30, 10]
+    torch.testing.assert_close(torch.cat([block for _, block in blocks]), kernel(X, Z))
+    with pytest.raises(ValueError, match="rows"):
+        next(kernel.blocks(X, Z, rows=0))
+    with pytest.raises(TypeError, match="rows"):
+        next(kernel.blocks(X, Z, rows=2.5))
+
+
 def test_float32_kernel_with_a_large_common_offset_stays_positive_definite():
     """ReLU-like features share a large mean: the distance expansion must not lose the spread."""
     g = torch.Generator().manual_seed(4)

@@ -46,6 +46,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from deeprfm._memory import memory_budget, rows_per_block
+from deeprfm._validation import check_bool, check_number
 from deeprfm.kernels import Kernel
 from deeprfm.solvers.base import KernelFit, KernelSolver
 
@@ -182,19 +183,22 @@ class EigenProSolver(KernelSolver):
         random_state: int | None = None,
         verbose: bool = False,
     ) -> None:
-        _check_int(epochs, "epochs", low=1, optional=True)
-        _check_int(subsample_size, "subsample_size", low=1, optional=True)
-        _check_int(top_q, "top_q", low=0, optional=True)
-        _check_int(batch_size, "batch_size", low=1, optional=True)
-        _check_int(patience, "patience", low=1)
-        _check_int(random_state, "random_state", low=0, optional=True)
-        if tol is not None:
-            _check_positive(tol, "tol")
-        if memory_gb is not None:
-            _check_positive(memory_gb, "memory_gb")
-        for flag, value in (("exact_fitted", exact_fitted), ("verbose", verbose)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        optional_integers = (
+            ("epochs", epochs, 1),
+            ("subsample_size", subsample_size, 1),
+            ("top_q", top_q, 0),
+            ("batch_size", batch_size, 1),
+            ("random_state", random_state, 0),
+        )
+        for name, value, low in optional_integers:
+            if value is not None:
+                check_number(value, name, integer=True, low=low)
+        check_number(patience, "patience", integer=True, low=1)
+        for name, value in (("tol", tol), ("memory_gb", memory_gb)):
+            if value is not None:
+                check_number(value, name, low=0, low_inclusive=False)
+        check_bool(exact_fitted, "exact_fitted")
+        check_bool(verbose, "verbose")
         self.epochs = _DEFAULT_EPOCHS if epochs is None else epochs
         self.subsample_size = subsample_size
         self.top_q = top_q
@@ -250,7 +254,8 @@ class EigenProSolver(KernelSolver):
         if not isinstance(kernel, Kernel):
             raise TypeError(f"kernel must be a Kernel, got {type(kernel).__name__}")
         X, Y = _check_training_data(X, Y)
-        reg = _check_reg(reg)
+        check_number(reg, "reg", low=0)
+        reg = float(reg)
         factor = _metric_factor(M, X)
         validation = None
         if eval_set is not None:
@@ -285,8 +290,8 @@ class EigenProSolver(KernelSolver):
             pre.top,
             pre.tail,
         )
-        block_gb = (batch + 0.5) * row_bytes / 1024**3  # kernel blocks of exactly m rows
-        run = _Run(kernel, X, Y, reg, pre, (beta, tail), generator, block_gb)
+        block_gb = batch * row_bytes / 1024**3  # later products: one batch's block at a time
+        run = _Run(kernel, X, Y, reg, pre, (beta, tail), batch, generator, block_gb)
         history, best_epoch, stop_reason = run.iterate(
             validation, self.epochs, self.tol, self.patience, self.verbose
         )
@@ -388,11 +393,13 @@ class _Run:
         reg: float,
         pre: _Preconditioner,
         spectrum: tuple[float, float],
+        batch: int,
         generator: torch.Generator,
         memory_gb: float,
     ) -> None:
         self.kernel, self.X, self.Y, self.reg, self.pre = kernel, X, Y, reg, pre
-        self.spectrum, self.generator, self.memory_gb = spectrum, generator, memory_gb
+        self.spectrum, self.batch = spectrum, batch
+        self.generator, self.memory_gb = generator, memory_gb
         self.scale = 1.0  # halved on divergence
         self.alpha = torch.zeros_like(Y)
         self.fitted = torch.zeros_like(Y)
@@ -481,13 +488,13 @@ class _Run:
         """One pass over a random permutation in batches; returns the relative residual.
 
         The batches are the row blocks of one kernel evaluation K(X[order], X) (blocks of m
-        rows by the memory given), computed lazily, each after the previous update: the
+        rows), computed lazily, each after the previous update: the
         centres' norms are computed once per epoch, not once per batch.
         """
         X, pre = self.X, self.pre
         order = torch.randperm(X.shape[0], generator=self.generator).to(X.device)
         total = torch.zeros((), dtype=X.dtype, device=X.device)
-        for rows, block in self.kernel.blocks(X[order], X, memory_gb=self.memory_gb):
+        for rows, block in self.kernel.blocks(X[order], X, rows=self.batch):
             idx = order[rows]
             predicted = block @ self.alpha
             self.fitted[idx] = predicted
@@ -578,8 +585,9 @@ def _damped_diagonal_max(
     betas = torch.zeros_like(values)
     betas[0] = top
     inverse = 1 / values
-    block_bytes = min(budget / 4, _PASS_ROWS * 3 * centres.shape[0] * X.element_size())
-    for _, block in kernel.blocks(X, centres, memory_gb=block_bytes / 1024**3):
+    row_bytes = 3 * centres.shape[0] * X.element_size()  # a row of the kernel's temporaries
+    rows = rows_per_block(budget // 4, row_bytes, min(X.shape[0], _PASS_ROWS), minimum=32)
+    for _, block in kernel.blocks(X, centres, rows=rows):
         squares = (block @ E).double() ** 2  # (b, k)
         by_value = torch.cumsum(squares * inverse, dim=1)
         by_square = torch.cumsum(squares * inverse**2, dim=1)
@@ -684,27 +692,3 @@ def _check_eval_set(eval_set, X: torch.Tensor, Y: torch.Tensor):
     if not (torch.isfinite(X_val).all() and torch.isfinite(Y_val).all()):
         raise ValueError("eval_set contains NaN or infinite values")
     return X_val, Y_val
-
-
-def _check_reg(reg) -> float:
-    if isinstance(reg, bool) or not isinstance(reg, (int, float)):
-        raise TypeError(f"reg must be a number >= 0, got {reg!r}")
-    if not 0 <= reg < math.inf:
-        raise ValueError(f"reg must be a finite number >= 0, got {reg!r}")
-    return float(reg)
-
-
-def _check_int(value, name: str, *, low: int, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value!r}")
-
-
-def _check_positive(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive number, got {value!r}")
-    if not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
