@@ -8,7 +8,7 @@ import torch
 
 #: Fraction of the free memory that a computation may use when no budget is given.
 DEFAULT_FREE_FRACTION = 0.3
-#: Upper bound of the default CPU budget in bytes: blocks beyond this are no faster.
+#: Upper bound of the default CPU memory budget in bytes.
 DEFAULT_CPU_CAP = 2 * 1024**3
 #: Default size of one block of kernel temporaries on the CPU, in bytes. Larger kernel blocks
 #: are slower, not faster: the memory-bound passes over freshly allocated arrays of hundreds of

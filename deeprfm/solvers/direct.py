@@ -49,16 +49,20 @@ class DirectSolver(KernelSolver):
         K = kernel(X, X, M, memory_gb=self.memory_gb)
         if reg == 0:
             return _pseudo_inverse_solve(K, Y)
-        torch.diagonal(K).add_(reg)
-        factor, status = torch.linalg.cholesky_ex(K)
+        factor, status = _add_ridge_and_factor(K, reg)
         if int(status) != 0 and K.dtype == torch.float32:
             logger.info("float32 Cholesky of K + reg·I failed; recomputing K in float64")
             del K, factor
             M64 = None if M is None else M.double()
             K = kernel(X.double(), X.double(), M64, memory_gb=self.memory_gb)
-            torch.diagonal(K).add_(reg)
-            factor, status = torch.linalg.cholesky_ex(K)
+            factor, status = _add_ridge_and_factor(K, reg)
         return _cholesky_solve(K, factor, status, Y, reg)
+
+
+def _add_ridge_and_factor(K: torch.Tensor, reg: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """K += reg·I in place, then its Cholesky factor and LAPACK status (0: success)."""
+    torch.diagonal(K).add_(reg)
+    return torch.linalg.cholesky_ex(K)
 
 
 def _cholesky_solve(
