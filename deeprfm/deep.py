@@ -1,12 +1,13 @@
 """Deep RFM: layers of RFM → AGOP projection → random features, with collapse per layer.
 
-Layer l takes features X_l (X_0: the inputs, rows scaled to unit norm), fits an RFM on
-(X_l, y), takes its learned metric M_l (the normalised AGOP), projects X̃_l = X_l M_l^{1/2}
-and maps X_{l+1} = φ_l(X̃_l) with a random feature map. Every layer's RFM is a predictor;
-the last one's is the model's. The neural-collapse metrics of X_l, X̃_l and X_{l+1} are
-recorded at every layer (Beaglehole, Súkeník, Mondelli, Belkin, NeurIPS 2024).
+Layer l takes features X_l (the inputs for l = 0, else the previous layer's random
+features; by default rows scaled to unit norm on entering every layer, as in the paper's code),
+fits an RFM on (X_l, y), takes its learned metric M_l (the normalised AGOP), projects
+X̃_l = X_l M_l^{1/2} and maps X_{l+1} = φ_l(X̃_l) with a random feature map. Every layer's
+RFM is a predictor; the last one's is the model's. The neural-collapse metrics of X_l, X̃_l and
+φ_l(X̃_l) are recorded at every layer (Beaglehole, Súkeník, Mondelli, Belkin, NeurIPS 2024).
 
-Only the (row-normalised) training inputs are stored: a layer's kernel centres are the
+Only the training inputs entering layer 0 are stored: a layer's kernel centres are the
 training inputs sent through the earlier layers' maps, recomputed when predicting, so no more
 than one layer's features are ever held in memory.
 """
@@ -39,9 +40,9 @@ from deeprfm.persist import (
     restore_params,
     save_state,
 )
-from deeprfm.rfm import RFMClassifier, check_eval_set
+from deeprfm.rfm import RFMClassifier, check_eval_set, check_targets, class_codes
 
-__all__ = ["DeepRFM", "DeepRFMLayer"]
+__all__ = ["ROW_NORMALIZATIONS", "DeepRFM", "DeepRFMLayer", "unit_rows"]
 
 logger = logging.getLogger("deeprfm")
 
@@ -58,6 +59,8 @@ _RFM_DEFAULTS = {
     )
 }
 STAGES = ("input", "projected", "features")
+#: Where ``normalize_rows`` scales rows to unit norm: on entering every layer, only the first.
+ROW_NORMALIZATIONS = ("every_layer", "input", None)
 _LAYER_ATTRS = {
     "train_acc": (
         "training accuracy of the layer's RFM",
@@ -111,6 +114,31 @@ class DeepRFMLayer:
         """Next layer's features φ(X M^{1/2}), shape (n, width)."""
         return self.feature_map.transform(self.project(X))
 
+    def stages(self, X: torch.Tensor, upto: str = "features") -> dict[str, torch.Tensor]:
+        """The layer's stages of features X (n, d_l) entering it, up to the stage ``upto``.
+
+        Returns ``{"input": X, "projected": X M^{1/2}, "features": φ(X M^{1/2})}``, without the
+        stages after ``upto``.
+        """
+        stages = {"input": X}
+        if upto != "input":
+            stages["projected"] = self.project(X)
+        if upto == "features":
+            stages["features"] = self.feature_map.transform(stages["projected"])
+        return stages
+
+
+def unit_rows(X: torch.Tensor) -> torch.Tensor:
+    """Rows of X (n, d) scaled to unit Euclidean norm; zero rows stay zero.
+
+    Each row is first divided by its largest absolute entry, so that norms of huge (float32
+    1e20) or tiny rows neither overflow nor underflow. Returns a new tensor.
+    """
+    peak = X.abs().amax(dim=1, keepdim=True)
+    X = X / torch.where(peak > 0, peak, torch.ones_like(peak))
+    norms = torch.linalg.vector_norm(X, dim=1, keepdim=True)
+    return X / torch.where(norms > 0, norms, torch.ones_like(norms))
+
 
 class DeepRFM(ClassifierMixin, BaseEstimator):
     """Deep Recursive Feature Machine classifier.
@@ -119,10 +147,16 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
     ----------
     layers : int
         Number of layers L ≥ 1.
-    width : int
-        Output dimension of each random feature map.
+    width : int or None
+        Output dimension of each random feature map; ``None``: the layer's input dimension
+        (the paper's choice for Laplace random Fourier features).
     feature_map : {"relu", "laplace_rff"}
-        ReLU random features (N(0, 1/d) weights) or Laplace random Fourier features.
+        ReLU random features (:class:`~deeprfm.features.ReLURandomFeatures`) or Laplace random
+        Fourier features (:class:`~deeprfm.features.LaplaceRandomFeatures`).
+    feature_params : dict, optional
+        Keyword arguments of the layer's feature map besides ``width``: ``{"init": "torch",
+        "bias": False}`` for ReLU features (the paper's ``nn.Linear`` weights), ``{"scale":
+        0.5}`` for Laplace features (the paper's γ). An unknown key raises ``ValueError``.
     kernel : {"laplace", "gaussian", "gen_laplace"} or Kernel
         Kernel of every layer's RFM.
     bandwidth : float
@@ -131,8 +165,12 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
         Ridge λ ≥ 0 of every layer's RFM.
     rfm_iters : int
         AGOP iterations of every layer's RFM (the paper uses 1).
-    normalize_rows : bool
-        Scale every input row to unit Euclidean norm before the first layer.
+    normalize_rows : {"every_layer", "input", None}
+        Scale every row to unit Euclidean norm on entering every layer (the paper's code),
+        only before the first layer, or never.
+    targets : {"onehot", "pm1"}
+        Regression codes of the classes in every layer's RFM: one-hot {0, 1} or ±1 (the
+        paper's). ``predict`` is the argmax either way.
     solver : {"auto", "direct", "eigenpro"}
         Kernel solver of every layer ("auto": EigenPro when the direct solve does not fit).
     device : str or torch.device, optional
@@ -156,28 +194,31 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
         Dims (``layer``, ``stage``), stage ∈ {input, projected, features}: every collapse
         metric of the training features (``nc1``, ``nc1_trace``, ``nc2``, ...), of the eval
         features when ``eval_set`` is given (prefixed ``eval_``), and per layer ``train_acc``,
-        ``eval_acc`` and seconds.
+        ``eval_acc`` and seconds. ``input`` is X_l after the row normalisation of the layer.
     X_fit_ : torch.Tensor, shape (n_samples, n_features)
-        The row-normalised training inputs.
+        The training inputs entering layer 0 (row-normalised unless ``normalize_rows=None``),
+        a copy owned by the model.
     n_features_in_ : int
     """
 
     def __init__(
         self,
         layers: int = 5,
-        width: int = 1024,
+        width: int | None = 1024,
         feature_map: str = "relu",
         kernel: str | Kernel = "laplace",
         bandwidth: float = 10.0,
         reg: float = 1e-3,
         rfm_iters: int = 1,
-        normalize_rows: bool = True,
+        normalize_rows: str | None = "every_layer",
         solver="auto",
         device: str | torch.device | None = None,
         dtype: torch.dtype | str = torch.float32,
         memory_gb: float | None = None,
         random_state: int | None = None,
         verbose: bool = False,
+        feature_params: dict | None = None,
+        targets: str = "onehot",
         **rfm_params,
     ) -> None:
         unknown = sorted(set(rfm_params) - set(_RFM_DEFAULTS))
@@ -200,6 +241,8 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
         self.memory_gb = memory_gb
         self.random_state = random_state
         self.verbose = verbose
+        self.feature_params = feature_params
+        self.targets = targets
         for name, default in _RFM_DEFAULTS.items():
             setattr(self, name, rfm_params.get(name, default))
 
@@ -221,28 +264,49 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
             dtype=self.dtype,
             memory_gb=self.memory_gb,
             random_state=seed,
+            targets=self.targets,
             **{name: getattr(self, name) for name in _RFM_DEFAULTS},
         )
 
     def _check_params(self) -> None:
         check_number(self.layers, "layers", integer=True, low=1)
-        check_number(self.width, "width", integer=True, low=1)
+        if self.width is not None:
+            check_number(self.width, "width", integer=True, low=1)
         check_number(self.rfm_iters, "rfm_iters", integer=True, low=0)
-        check_bool(self.normalize_rows, "normalize_rows")
+        if self.normalize_rows not in ROW_NORMALIZATIONS:
+            raise ValueError(
+                f"normalize_rows must be one of {ROW_NORMALIZATIONS}, got {self.normalize_rows!r}"
+            )
+        check_targets(self.targets)
         check_bool(self.verbose, "verbose")
+        self._feature_map(1)  # validates feature_map and feature_params
+        make_kernel(self.kernel, self.bandwidth, self.exponent)
+
+    def _feature_map(self, n_features: int) -> RandomFeatureMap:
+        """An unfitted feature map for a layer whose input has ``n_features`` dimensions."""
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(
                 f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}"
             )
-        make_kernel(self.kernel, self.bandwidth, self.exponent)
+        params = {} if self.feature_params is None else self.feature_params
+        if not isinstance(params, dict):
+            raise TypeError(f"feature_params must be a dict or None, got {type(params).__name__}")
+        cls = FEATURE_MAPS[self.feature_map]
+        accepted = cls.parameters()
+        unknown = sorted(set(params) - set(accepted), key=str)
+        if unknown:
+            hint = " (give the width as DeepRFM(width=...))" if "width" in unknown else ""
+            raise ValueError(
+                f"feature_params: unknown key {unknown[0]!r} for feature_map="
+                f"{self.feature_map!r}{hint}; accepted keys: {accepted}"
+            )
+        return cls(width=n_features if self.width is None else self.width, **params)
 
-    def _prepare(self, X: np.ndarray) -> torch.Tensor:
-        """Inputs as a tensor on the device, rows scaled to unit norm if asked."""
-        H = to_tensor(X, resolve_device(self.device), resolve_dtype(self.dtype))
-        if not self.normalize_rows:
-            return H
-        norms = H.norm(dim=1, keepdim=True)
-        return H / torch.where(norms > 0, norms, torch.ones_like(norms))
+    def _rescale(self, H: torch.Tensor, layer: int) -> torch.Tensor:
+        """Features entering ``layer``: rows scaled to unit norm where ``normalize_rows`` asks."""
+        if self.normalize_rows == "every_layer" or (self.normalize_rows == "input" and not layer):
+            return unit_rows(H)
+        return H
 
     def fit(self, X, y, eval_set=None):
         """Fit the layers one after another.
@@ -267,18 +331,18 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
             raise ValueError(
                 f"y must contain samples of at least 2 classes, got 1 class: {self.classes_[0]!r}"
             )
-        H = self._prepare(X)
-        Y = torch.eye(len(self.classes_), dtype=H.dtype, device=H.device)[labels]
+        H = self._inputs(X)
+        Y = to_tensor(class_codes(labels, len(self.classes_), self.targets), H.device, H.dtype)
         evaluation = None
         if eval_set is not None:
             X_val, y_val = check_eval_set(eval_set, self.n_features_in_)
             unseen = np.setdiff1d(y_val, self.classes_)
             if len(unseen):
                 raise ValueError(f"eval_set y has labels not seen in y: {unseen[:5].tolist()}")
-            evaluation = (self._prepare(X_val), np.searchsorted(self.classes_, y_val))
+            evaluation = (self._inputs(X_val), np.searchsorted(self.classes_, y_val))
         rng = check_random_state(self.random_state)
         generator = torch.Generator().manual_seed(int(rng.randint(2**31 - 1)))
-        self.X_fit_ = H
+        self.X_fit_ = H.clone() if self.normalize_rows is None else H  # never the caller's
         self.layers_, records = [], []
         for layer in tqdm(range(self.layers), desc="Deep RFM", disable=not self.verbose):
             record, H, evaluation = self._fit_layer(
@@ -290,19 +354,23 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
         return self
 
     def _fit_layer(self, H, Y, labels, evaluation, seed, generator):
-        """Fit one layer on features H (n, d_l); return its record and the next features."""
+        """Fit one layer on the features H (n, d_l) entering it.
+
+        Returns the layer's record, the training features entering the next layer and the
+        eval_set pair (features entering the next layer, labels).
+        """
         start = time.perf_counter()
+        index = len(self.layers_)
         rfm = self._layer_rfm(seed)
         rfm._fit_encoded(H, Y, self.classes_)
         fitted = time.perf_counter()
-        feature_map = FEATURE_MAPS[self.feature_map](width=self.width)
+        feature_map = self._feature_map(H.shape[1])
         feature_map.fit(H.shape[1], generator=generator, device=H.device, dtype=H.dtype)
         layer = DeepRFMLayer(
             rfm._M_fit, psd_power(rfm._M_fit, 0.5), feature_map, rfm._alpha_fit, rfm.history_
         )
         self.layers_.append(layer)
-        stages = {"input": H, "projected": layer.project(H)}
-        stages["features"] = layer.feature_map.transform(stages["projected"])
+        stages = layer.stages(H)
         mapped = time.perf_counter()
         record = {
             "train_acc": float(rfm.history_["train_acc"][rfm.best_iter_]),
@@ -312,19 +380,18 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
             H_val, labels_val = evaluation
             outputs = rfm.kernel_.apply(H_val, H, rfm._alpha_fit, rfm._M_fit)
             record["eval_acc"] = float((outputs.argmax(dim=1).cpu().numpy() == labels_val).mean())
-            val_stages = {"input": H_val, "projected": layer.project(H_val)}
-            val_stages["features"] = layer.feature_map.transform(val_stages["projected"])
+            val_stages = layer.stages(H_val)
             record["eval"] = {
                 name: collapse_metrics(f, labels_val) for name, f in val_stages.items()
             }
-            evaluation = (val_stages["features"], labels_val)
+            evaluation = (self._rescale(val_stages["features"], index + 1), labels_val)
         end = time.perf_counter()
         record |= {
             "rfm_seconds": fitted - start,
             "map_seconds": mapped - fitted,
             "collapse_seconds": end - mapped,
         }
-        return record, stages["features"], evaluation
+        return record, self._rescale(stages["features"], index + 1), evaluation
 
     def _collapse_dataset(self, records: list[dict]) -> xr.Dataset:
         parts = []
@@ -353,10 +420,15 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
 
     # -- transforming and predicting -----------------------------------------------------
 
-    def _inputs(self, X) -> torch.Tensor:
+    def _inputs(self, X: np.ndarray) -> torch.Tensor:
+        """Validated inputs as a tensor on the device, as they enter layer 0."""
+        H = to_tensor(X, resolve_device(self.device), resolve_dtype(self.dtype))
+        return self._rescale(H, 0)
+
+    def _new_inputs(self, X) -> torch.Tensor:
         check_is_fitted(self, "layers_")
         X = validate_data(self, as_numpy(X), reset=False, dtype=[np.float64, np.float32])
-        return self._prepare(X)
+        return self._inputs(X)
 
     def transform(self, X, layer: int = -1, stage: str = "input") -> np.ndarray:
         """Features of new data at a layer.
@@ -367,24 +439,21 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
         layer : int
             Layer index (negative counts from the end).
         stage : {"input", "projected", "features"}
-            The features entering the layer (X_l), after its AGOP projection (X̃_l), or the
-            random features it outputs (X_{l+1}).
+            The features entering the layer (X_l, after the layer's row normalisation), after
+            its AGOP projection (X̃_l), or the random features it outputs (φ_l(X̃_l), before
+            the next layer's row normalisation).
 
         Returns
         -------
         ndarray, shape (n_samples, d_l) or (n_samples, width)
         """
-        H = self._inputs(X)
+        H = self._new_inputs(X)
         index = self._layer_index(layer)
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        for fitted in self.layers_[:index]:
-            H = fitted.forward(H)
-        if stage == "projected":
-            H = self.layers_[index].project(H)
-        elif stage == "features":
-            H = self.layers_[index].forward(H)
-        return H.cpu().numpy()
+        for previous, fitted in enumerate(self.layers_[:index]):
+            H = self._rescale(fitted.forward(H), previous + 1)
+        return self.layers_[index].stages(H, upto=stage)[stage].cpu().numpy()
 
     def _layer_index(self, layer: int) -> int:
         check_number(layer, "layer", integer=True)
@@ -397,11 +466,12 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
     def _layer_outputs(self, X, upto: int):
         """Yield each layer's RFM outputs (n, c) for layers 0..upto, one layer at a time."""
         kernel = make_kernel(self.kernel, self.bandwidth, self.exponent)
-        H, centres = self._inputs(X), self.X_fit_
+        H, centres = self._new_inputs(X), self.X_fit_
         for index, fitted in enumerate(self.layers_[: upto + 1]):
             yield kernel.apply(H, centres, fitted.alpha, fitted.M, memory_gb=self.memory_gb)
             if index < upto:
-                H, centres = fitted.forward(H), fitted.forward(centres)
+                H = self._rescale(fitted.forward(H), index + 1)
+                centres = self._rescale(fitted.forward(centres), index + 1)
 
     def decision_function(self, X) -> np.ndarray:
         """Outputs of the last layer's RFM, shape (n_samples, n_classes)."""

@@ -6,6 +6,7 @@ Both maps are reproducible from a seed and can be saved as a dict of tensors
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 
@@ -87,6 +88,12 @@ class RandomFeatureMap(ABC):
         if self.bias is None:
             return self._activate(X @ self.weight.T)
         return self._activate(torch.addmm(self.bias, X, self.weight.T))
+
+    @classmethod
+    def parameters(cls) -> list[str]:
+        """Names of the constructor's keyword arguments besides ``width``."""
+        signature = inspect.signature(cls.__init__)
+        return [name for name in signature.parameters if name not in ("self", "width")]
 
     def config(self) -> dict:
         """Constructor arguments, JSON-serialisable."""

@@ -350,6 +350,36 @@ def check_eval_set(eval_set, n_features: int) -> tuple[np.ndarray, np.ndarray]:
     return X_val, y_val
 
 
+#: Regression codes of the classes a classifier can fit (``targets=``).
+TARGET_CODES = ("onehot", "pm1")
+
+
+def check_targets(targets: str) -> None:
+    """Raise ValueError unless ``targets`` names a class coding of :data:`TARGET_CODES`."""
+    if not isinstance(targets, str) or targets not in TARGET_CODES:
+        raise ValueError(f"targets must be one of {TARGET_CODES}, got {targets!r}")
+
+
+def class_codes(labels: np.ndarray, n_classes: int, targets: str = "onehot") -> np.ndarray:
+    """Regression targets of class indices.
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (n,)
+        Class indices in ``0 … n_classes − 1``.
+    n_classes : int
+    targets : {"onehot", "pm1"}
+        ``"onehot"``: 1 in the class's column, 0 elsewhere; ``"pm1"``: +1 and −1 (the Deep RFM
+        paper's codes, ``2·onehot − 1``).
+
+    Returns
+    -------
+    ndarray of float64, shape (n, n_classes)
+    """
+    onehot = np.eye(n_classes)[labels]
+    return 2 * onehot - 1 if targets == "pm1" else onehot
+
+
 def _format_scores(row: dict) -> str:
     return ", ".join(f"{name}={value:.4g}" for name, value in row.items())
 
@@ -431,33 +461,81 @@ class RFMRegressor(RegressorMixin, _BaseRFM):
 
 
 class RFMClassifier(ClassifierMixin, _BaseRFM):
-    """Recursive Feature Machine for classification (one-hot kernel regression).
+    """Recursive Feature Machine for classification (kernel regression on class codes).
 
-    Parameters are those of :class:`RFMRegressor`. Labels may be of any type (ints, strings);
-    the machine regresses their one-hot encoding and predicts the argmax.
+    Parameters are those of :class:`RFMRegressor`, and:
+
+    targets : {"onehot", "pm1"}, default "onehot"
+        Regression codes of the classes: ``"onehot"`` (1 for the class, 0 elsewhere) or
+        ``"pm1"`` (+1 and −1, as in the Deep RFM paper). Labels may be of any type (ints,
+        strings); the prediction is the argmax of the outputs either way.
 
     Attributes
     ----------
     classes_ : ndarray, shape (n_classes,)
         The class labels.
     M_, alpha_, best_iter_, history_, X_fit_, n_features_in_
-        As in :class:`RFMRegressor`; ``history_`` also holds accuracies.
+        As in :class:`RFMRegressor`; ``history_`` also holds accuracies. The MSEs of
+        ``history_`` are against the ``targets`` codes.
     """
 
+    def __init__(
+        self,
+        kernel: str | Kernel = "laplace",
+        bandwidth: float = 10.0,
+        reg: float = 1e-3,
+        iters: int = 5,
+        exponent: float = 1.0,
+        diag: bool = False,
+        centering: bool = False,
+        agop_power: float = 1.0,
+        agop_samples: int = 20000,
+        normalize: str | None = "max",
+        solver="auto",
+        early_stopping: bool = True,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str = torch.float32,
+        memory_gb: float | None = None,
+        random_state: int | None = None,
+        verbose: bool = False,
+        targets: str = "onehot",
+    ) -> None:
+        super().__init__(
+            kernel=kernel,
+            bandwidth=bandwidth,
+            reg=reg,
+            iters=iters,
+            exponent=exponent,
+            diag=diag,
+            centering=centering,
+            agop_power=agop_power,
+            agop_samples=agop_samples,
+            normalize=normalize,
+            solver=solver,
+            early_stopping=early_stopping,
+            device=device,
+            dtype=dtype,
+            memory_gb=memory_gb,
+            random_state=random_state,
+            verbose=verbose,
+        )
+        self.targets = targets
+
     def _encode_targets(self, y: np.ndarray) -> np.ndarray:
+        check_targets(self.targets)
         check_classification_targets(y)
         self.classes_, encoded = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(
                 f"y must contain samples of at least 2 classes, got 1 class: {self.classes_[0]!r}"
             )
-        return np.eye(len(self.classes_))[encoded]
+        return class_codes(encoded, len(self.classes_), self.targets)
 
     def _encode_eval_targets(self, y: np.ndarray) -> np.ndarray:
         unseen = np.setdiff1d(y, self.classes_)
         if len(unseen):
             raise ValueError(f"eval_set y has labels not seen in y: {unseen[:5].tolist()}")
-        return np.eye(len(self.classes_))[np.searchsorted(self.classes_, y)]
+        return class_codes(np.searchsorted(self.classes_, y), len(self.classes_), self.targets)
 
     def _target_config(self) -> dict:
         return {"classes": self.classes_.tolist()}
