@@ -270,7 +270,7 @@ def _run_probe(args: argparse.Namespace) -> None:
     ]
     with probe:
         tree = probe.measure(batches)
-    root = tree.to_dataset()
+    root = tree.to_dataset().sel(stage="input")
     print(f"{args.arch} ({args.source}) on {len(y)} {args.dataset} {args.split} samples")
     print_table(
         ["layer", "type", "fan_in", "nfa_corr", "NC1", "NC2"],

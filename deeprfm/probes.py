@@ -36,6 +36,13 @@ from tqdm.auto import tqdm
 
 from analysis import METRICS, CollapseAccumulator, nfa_correlations
 from deeprfm._memory import memory_budget, resolve_device, rows_per_block
+from deeprfm._probe_stages import (
+    OUTPUT_STAGES,
+    check_stages,
+    following_activation,
+    project,
+    projection_matrix,
+)
 from deeprfm._validation import check_bool, check_number
 
 __all__ = ["NeuralProbe"]
@@ -114,6 +121,7 @@ class _Layer:
     path: str
     module: nn.Module
     init: torch.Tensor | None = None  # (k, d) W₀ of the centred NFM
+    activation: tuple[str, nn.Module] | None = None  # where the ``output`` stage is taken
 
     @property
     def kind(self) -> str:
@@ -317,13 +325,20 @@ class _Source:
             yield X[start : start + PAIR_BATCH_SIZE], y[start : start + PAIR_BATCH_SIZE]
 
 
+def _activation_module(layer: _Layer) -> nn.Module:
+    return layer.activation[1]
+
+
 @contextmanager
 def _forward_hooks(
-    layers: Sequence[_Layer], make_hook: Callable[[_Layer], Callable[..., Any]]
+    layers: Sequence[_Layer],
+    make_hook: Callable[[_Layer], Callable[..., Any]],
+    module: Callable[[_Layer], nn.Module] = lambda layer: layer.module,
 ) -> Iterator[None]:
-    """Forward hooks (with kwargs) on every layer, removed on exit, also after an exception."""
+    """Forward hooks (with kwargs) on every layer's module (or the one ``module`` picks),
+    removed on exit, also after an exception."""
     handles = [
-        layer.module.register_forward_hook(make_hook(layer), with_kwargs=True) for layer in layers
+        module(layer).register_forward_hook(make_hook(layer), with_kwargs=True) for layer in layers
     ]
     try:
         yield
@@ -351,6 +366,15 @@ def _evaluation_mode(model: nn.Module) -> Iterator[None]:
 
 def _layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     return args[0] if args else next(iter(kwargs.values()))
+
+
+def _missed_activation_error(layers: Sequence[_Layer], pending: Mapping[str, Any]) -> ValueError:
+    missed = {layer.name: layer.activation[0] for layer in layers if layer.name in pending}
+    return ValueError(
+        f"output_stage: the activations {missed} did not receive their layers' outputs in the "
+        "forward pass (the model does not run them right after the layer); use "
+        "output_stage='layer'"
+    )
 
 
 def _shared_layer_error(name: str) -> ValueError:
@@ -401,8 +425,22 @@ class NeuralProbe:
     nfm : bool, default True
         Compute each layer's Neural Feature Matrix ``WᵀW`` (no data needed).
     collapse : bool, default True
-        Collapse metrics of each layer's input features (``analysis.CollapseAccumulator``);
-        needs integer labels and data that can be passed over more than once.
+        Collapse metrics of each layer's features (``analysis.CollapseAccumulator``) at every
+        stage of ``stages``; needs integer labels and data that can be passed over more than
+        once.
+    stages : sequence of {"input", "projected", "output"}, default ("input",)
+        Where the collapse metrics are measured (Beaglehole et al. 2024, section 5): the
+        layer's input h; ``projected``, the input times the right singular structure of the
+        weight, (WᵀW)^{1/2} h (for a Conv2d every patch, see ``torch.nn.functional.unfold``);
+        ``output``, the layer's output W h + b. NC1 is isometry invariant, so ``projected`` and
+        a bias-free layer's own ``output`` have equal NC1: use ``output_stage="activation"``
+        to see what the nonlinearity adds.
+    output_stage : {"layer", "activation"}, default "layer"
+        ``"layer"``: the ``output`` stage is the layer's output W h + b. ``"activation"``: the
+        output of the activation that follows the layer in its parent module (the next child,
+        when it is a parameter-free module of ``torch.nn.modules.activation`` such as
+        ``nn.ReLU``); layers not followed by one keep their own output. The root coordinate
+        ``output_source`` names the module whose output was taken.
     agop_outputs : "exact", "random" or int, default "exact"
         ``"exact"``: one cotangent per model output. An int ``m`` (``"random"``:
         :data:`DEFAULT_PROJECTIONS`): ``m`` Gaussian projections ``v ~ N(0, I/m)`` of the
@@ -476,6 +514,8 @@ class NeuralProbe:
         agop: bool = True,
         nfm: bool = True,
         collapse: bool = True,
+        stages: Sequence[str] = ("input",),
+        output_stage: str = "layer",
         agop_outputs: Outputs = "exact",
         centered_nfm: bool = False,
         init_weights: nn.Module | Mapping[str, torch.Tensor] | None = None,
@@ -497,6 +537,9 @@ class NeuralProbe:
         if not (agop or nfm or collapse):
             raise ValueError("agop, nfm, collapse: at least one of them must be True")
         self._projections = _projections(agop_outputs)
+        self._stages = check_stages(stages)
+        if output_stage not in OUTPUT_STAGES:
+            raise ValueError(f"output_stage: expected one of {OUTPUT_STAGES}, got {output_stage!r}")
         if centered_nfm and not nfm:
             raise ValueError("centered_nfm: needs nfm=True")
         if init_weights is not None and not centered_nfm:
@@ -509,6 +552,7 @@ class NeuralProbe:
         self.model = model
         self.layers = layers
         self.agop, self.nfm, self.collapse = agop, nfm, collapse
+        self.stages, self.output_stage = stages, output_stage
         self.agop_outputs = agop_outputs
         self.centered_nfm = centered_nfm
         self.init_weights = init_weights
@@ -530,7 +574,10 @@ class NeuralProbe:
                     if init_weights is None
                     else _initial_matrix(init_weights, path, module)
                 )
-            self._layers.append(_Layer(name, path, module, init))
+            activation = None
+            if output_stage == "activation" and "output" in self._stages:
+                activation = following_activation(model, path)
+            self._layers.append(_Layer(name, path, module, init, activation))
         self._closed = False
 
     @property
@@ -875,45 +922,73 @@ class _Measurement:
             None if parts[0] is None else torch.stack(parts) for parts in zip(*rows, strict=True)
         )
 
-    def collapse_passes(self, reference: _PassRecord) -> dict[str, xr.Dataset | None]:
-        """Collapse metrics of each layer's input: the first pass, then a second if needed."""
+    def collapse_passes(self, reference: _PassRecord) -> dict[tuple[str, str], xr.Dataset | None]:
+        """Collapse metrics of each layer's stages: the first pass, then a second if needed."""
         labels = reference.all_labels()
         classes = torch.unique(labels).to(self.device)
         if len(classes) < 2:
             raise ValueError(
                 f"data: the collapse metrics need at least 2 classes, got labels {classes.tolist()}"
             )
-        accumulators: dict[str, CollapseAccumulator | None] = {}
+        stages = self.probe._stages
+        roots = self.projection_roots() if "projected" in stages else {}
+        accumulators: dict[tuple[str, str], CollapseAccumulator | None] = {}
         called: set[str] = set()
+        pending: dict[str, torch.Tensor] = {}  # layer outputs awaiting their activation
         state: dict[str, Any] = {}
+
+        def accumulate(layer: _Layer, stage: str, features: torch.Tensor | None) -> None:
+            index, key = state["index"], (layer.name, stage)
+            if features is not None and (features.ndim == 0 or features.shape[0] != len(index)):
+                raise ValueError(
+                    f"layers: the {stage} of {layer.name!r} has shape {tuple(features.shape)}, "
+                    f"not batch-first with batch {len(index)}; its collapse metrics cannot be "
+                    "computed (exclude it with layers= or use collapse=False)"
+                )
+            if key not in accumulators:
+                fits = (
+                    features is not None
+                    and _COLLAPSE_VECTORS * 8 * len(classes) * features[0].numel() <= self.budget
+                )
+                accumulators[key] = (
+                    CollapseAccumulator(len(classes), device=self.device) if fits else None
+                )
+            acc = accumulators[key]
+            if acc is not None:
+                (acc.update_second_pass if state["second"] else acc.update)(features, index)
 
         def make_hook(layer: _Layer) -> Callable[..., None]:
             def hook(module: nn.Module, args: Any, kwargs: Any, output: torch.Tensor) -> None:
                 if layer.name in called:
                     raise _shared_layer_error(layer.name)
                 called.add(layer.name)
-                features, index = _layer_input(args, kwargs), state["index"]
-                if features.ndim == 0 or features.shape[0] != index.shape[0]:
-                    raise ValueError(
-                        f"layers: the input of {layer.name!r} has shape {tuple(features.shape)}, "
-                        f"not batch-first with batch {index.shape[0]}; its collapse metrics "
-                        "cannot be computed (exclude it with layers= or use collapse=False)"
+                features = _layer_input(args, kwargs)
+                if "input" in stages:
+                    accumulate(layer, "input", features)
+                if "projected" in stages:
+                    root = roots.get(layer.name)
+                    accumulate(
+                        layer,
+                        "projected",
+                        None if root is None else project(module, features, root),
                     )
-                if layer.name not in accumulators:
-                    fits = _COLLAPSE_VECTORS * 8 * len(classes) * features[0].numel() <= self.budget
-                    accumulators[layer.name] = (
-                        CollapseAccumulator(len(classes), device=self.device) if fits else None
-                    )
-                acc = accumulators[layer.name]
-                if acc is None:
-                    return
-                if state["second"]:
-                    acc.update_second_pass(features, index)
-                else:
-                    acc.update(features, index)
+                if "output" in stages:
+                    if layer.activation is None:
+                        accumulate(layer, "output", output)
+                    else:
+                        pending[layer.name] = output
 
             return hook
 
+        def make_activation_hook(layer: _Layer) -> Callable[..., None]:
+            def hook(module: nn.Module, args: Any, kwargs: Any, output: torch.Tensor) -> None:
+                if layer.name in pending and pending[layer.name] is _layer_input(args, kwargs):
+                    del pending[layer.name]
+                    accumulate(layer, "output", output)
+
+            return hook
+
+        activations = [layer for layer in self.layers if layer.activation is not None]
         for second in (False, True):
             if second and not any(
                 a is not None and a.needs_second_pass for a in accumulators.values()
@@ -921,7 +996,11 @@ class _Measurement:
                 break
             state["second"] = second
             record = _PassRecord()
-            with torch.no_grad(), _forward_hooks(self.layers, make_hook):
+            with (
+                torch.no_grad(),
+                _forward_hooks(self.layers, make_hook),
+                _forward_hooks(activations, make_activation_hook, module=_activation_module),
+            ):
                 for x, y in self.batches(f"collapse pass {1 + second}"):
                     index = torch.searchsorted(classes, y).clamp_max(len(classes) - 1)
                     if not torch.equal(classes[index], y):
@@ -929,19 +1008,32 @@ class _Measurement:
                     state["index"] = index
                     called.clear()
                     self.forward(x, called)
+                    if pending:
+                        raise _missed_activation_error(self.layers, pending)
                     record.add(x, y)
             if not record.same_samples(reference):
                 raise self.different_samples()
-        skipped = [name for name, acc in accumulators.items() if acc is None]
+        skipped = [
+            f"{name} ({stage})" for (name, stage), acc in accumulators.items() if acc is None
+        ]
         if skipped:
             warnings.warn(
                 f"layers {skipped}: the collapse statistics of {len(classes)} classes x their "
-                f"input features exceed the memory budget of {self.budget / 1024**3:.2f} GiB; "
-                "their collapse metrics are NaN",
+                f"features exceed the memory budget of {self.budget / 1024**3:.2f} GiB (for the "
+                "projected stage: the d x d matrix (W^T W)^1/2 does); their collapse metrics "
+                "are NaN",
                 RuntimeWarning,
                 stacklevel=5,  # collapse_passes < _timed < run < measure
             )
-        return {name: None if acc is None else acc.result() for name, acc in accumulators.items()}
+        return {key: None if acc is None else acc.result() for key, acc in accumulators.items()}
+
+    def projection_roots(self) -> dict[str, torch.Tensor]:
+        """(WᵀW)^{1/2} (d, d) of every layer whose d × d matrices fit the budget (full form)."""
+        return {
+            layer.name: projection_matrix(_module_matrix(layer.module).to(self.device))
+            for layer in self.layers
+            if self.forms[layer.name] == "full"
+        }
 
     @staticmethod
     def different_samples() -> ValueError:
@@ -980,23 +1072,39 @@ class _Measurement:
         self,
         matrices: dict[str, dict[str, torch.Tensor]],
         nfa: dict[str, Any],
-        collapse: dict[str, xr.Dataset | None],
+        collapse: dict[tuple[str, str], xr.Dataset | None],
         record: _PassRecord | None,
     ) -> xr.DataTree:
         probe, names = self.probe, [layer.name for layer in self.layers]
         data_vars: dict[str, Any] = dict(nfa)
-        if probe.collapse:
-            data_vars.update(_collapse_variables(names, collapse))
-        coords = {
+        coords: dict[str, Any] = {
             "layer": names,
             "layer_type": ("layer", [layer.kind for layer in self.layers]),
             "fan_in": ("layer", [layer.shape[1] for layer in self.layers]),
             "matrix_form": ("layer", [self.forms[name] for name in names]),
         }
+        if probe.collapse:
+            data_vars.update(_collapse_variables(names, probe._stages, collapse))
+            coords["stage"] = list(probe._stages)
+        if "output" in probe._stages:
+            coords["output_source"] = (
+                "layer",
+                [
+                    layer.path if layer.activation is None else layer.activation[0]
+                    for layer in self.layers
+                ],
+                {
+                    "long_name": "module whose output is the output stage",
+                    "definition": "the layer itself (its output W h + b) or the activation "
+                    "module that follows it (output_stage='activation')",
+                },
+            )
         config = {
             "agop": probe.agop,
             "nfm": probe.nfm,
             "collapse": probe.collapse,
+            "stages": list(probe._stages),
+            "output_stage": probe.output_stage,
             "agop_outputs": probe.agop_outputs,
             "projections": probe._projections,
             "centered_nfm": probe.centered_nfm,
@@ -1084,15 +1192,24 @@ class _Measurement:
         return xr.Dataset(data_vars, attrs=attrs)
 
 
-def _collapse_variables(names: list[str], results: dict[str, xr.Dataset | None]) -> dict[str, Any]:
-    """Collapse metrics along ``layer`` (NaN where a layer's metrics were skipped)."""
+def _collapse_variables(
+    names: list[str],
+    stages: Sequence[str],
+    results: dict[tuple[str, str], xr.Dataset | None],
+) -> dict[str, Any]:
+    """Collapse metrics along (``layer``, ``stage``), NaN where a layer's metrics were skipped."""
     done = [ds for ds in results.values() if ds is not None]
     return {
         metric: (
-            "layer",
+            ("layer", "stage"),
             np.array(
                 [
-                    np.nan if results.get(name) is None else float(results[name][metric])
+                    [
+                        np.nan
+                        if results.get((name, stage)) is None
+                        else float(results[name, stage][metric])
+                        for stage in stages
+                    ]
                     for name in names
                 ]
             ),

@@ -105,14 +105,16 @@ def main() -> None:
                     nn.functional.cross_entropy(model(x), y).backward()
                     optimizer.step()
             trees[epoch] = probe.measure(probe_data)
-            ds = trees[epoch].ds
+            ds = trees[epoch].ds.sel(stage="input")
             print(
                 f"{epoch:>5d} {accuracy(model, X_test, y_test):>8.3f} "
                 f"{float(ds.nfa_corr.sel(layer=first)):>11.3f} "
                 f"{float(ds.nc1.sel(layer=last)):>9.3g}"
             )
 
-    curves = stack_curves({epoch: tree.ds for epoch, tree in trees.items()}, dim="epoch")
+    curves = stack_curves(
+        {epoch: tree.ds.sel(stage="input") for epoch, tree in trees.items()}, dim="epoch"
+    )
     curves.to_netcdf(out / "collapse_curves.nc", engine="h5netcdf")
     trees[epochs].to_netcdf(out / "probe_final.nc", engine="h5netcdf")
 

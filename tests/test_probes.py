@@ -340,7 +340,7 @@ def test_collapse_metrics_are_those_of_each_layer_input():
         features = layer_input_features(model, dict(model.named_modules())[name], X)
         expected = collapse_metrics(features, y.numpy())
         for metric in expected.data_vars:
-            assert float(tree.ds[metric].sel(layer=name)) == pytest.approx(
+            assert float(tree.ds[metric].sel(layer=name, stage="input")) == pytest.approx(
                 float(expected[metric]), rel=1e-9
             )
     assert not tree["layers/stem"].ds.data_vars  # no matrices requested
@@ -453,12 +453,13 @@ def test_nfa_correlation_rises_when_an_mlp_learns_digits(capsys):
     with capsys.disabled():
         print(
             f"\n[digits MLP, {seconds:.1f} s SGD] first-layer nfa_corr: init {corr[0]:.3f}, "
-            f"trained {corr[1]:.3f}; ncc_acc of the head input {float(after.ds.ncc_acc[-1]):.3f}"
+            f"trained {corr[1]:.3f}; ncc_acc of the head input "
+            f"{float(after.ds.ncc_acc[-1, 0]):.3f}"
         )
     assert corr[1] > corr[0] + 0.08
     assert corr[1] > 0.9
     # Training also collapses the last layer's features.
-    assert float(after.ds.nc1_trace[-1]) < float(before.ds.nc1_trace[-1]) / 2
+    assert float(after.ds.nc1_trace[-1, 0]) < float(before.ds.nc1_trace[-1, 0]) / 2
 
 
 # ----------------------------------------------------------------------------- safety
