@@ -5,7 +5,6 @@ import pytest
 import torch
 import xarray as xr
 from sklearn.base import clone
-from sklearn.preprocessing import StandardScaler
 
 import analysis
 from deeprfm import DeepRFM, RFMClassifier
@@ -267,27 +266,12 @@ def test_pm1_targets_code_classes_as_plus_minus_one(digits):
     assert deep.layers_[0].history.attrs["params"].count('"targets": "pm1"') == 1
 
 
-def paper_deep_rfm(seed: int) -> DeepRFM:
-    """Deep RFM with the settings of Beaglehole et al. (2024)'s code (docs/reproducing.md)."""
-    return DeepRFM(
-        layers=6,
-        width=512,
-        bandwidth=2.0,
-        reg=1e-3,
-        rfm_iters=1,
-        feature_params={"init": "torch", "bias": False},
-        normalize_rows="every_layer",
-        targets="pm1",
-        random_state=seed,
-    )
-
-
-def test_reproduces_the_papers_deep_neural_collapse_on_digits(digits):
-    X_train, X_test, y_train, y_test = digits
-    scaler = StandardScaler().fit(X_train)
-    X_train, X_test = scaler.transform(X_train), scaler.transform(X_test)
+def test_reproduces_the_papers_deep_neural_collapse_on_digits(reproduce_dnc):
+    X_train, X_test, y_train, y_test = reproduce_dnc.standardised_digits()
     for seed in (0, 1, 2):
-        model = paper_deep_rfm(seed).fit(X_train, y_train, eval_set=(X_test, y_test))
+        model = reproduce_dnc.paper_deep_rfm(6, seed)
+        assert model.get_params()["feature_params"] == {"init": "torch", "bias": False}
+        model.fit(X_train, y_train, eval_set=(X_test, y_test))
         nc1 = model.collapse_["nc1_trace"].sel(stage="input").values
         print(f"seed {seed}: nc1_trace / K entering each layer", np.round(nc1 / 10, 4))
         print("  test accuracy per layer", model.collapse_["eval_acc"].values)

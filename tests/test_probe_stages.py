@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from analysis import collapse_metrics
 from deeprfm._probe_stages import following_activation, projection_matrix
-from deeprfm.data import load_dataset
 from deeprfm.probes import NeuralProbe
 
 F64 = torch.float64
@@ -195,38 +190,11 @@ def test_projected_stage_is_nan_with_a_warning_where_d_by_d_does_not_fit():
     assert np.isfinite(ds.nc1.sel(stage="input")).all()
 
 
-def small_init_mlp_on_digits(scale: float = 0.5, epochs: int = 100, seed: int = 0):
-    """A 4-hidden-layer ReLU MLP trained on digits with MSE on ±1 codes from a small init."""
-    X_train, y_train = load_dataset("digits", split="train")
-    X = torch.tensor(StandardScaler().fit_transform(X_train), dtype=torch.float32)
-    y = torch.as_tensor(y_train)
-    torch.manual_seed(seed)
-    sizes = [64, 128, 128, 128, 128]
-    modules = []
-    for fan_in, fan_out in itertools.pairwise(sizes):
-        modules += [nn.Linear(fan_in, fan_out), nn.ReLU()]
-    model = nn.Sequential(*modules, nn.Linear(128, 10))
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.mul_(scale)
-                module.bias.zero_()
-    targets = 2 * F.one_hot(y, 10).to(X.dtype) - 1
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(X), generator=g)
-        for start in range(0, len(X), 128):
-            batch = order[start : start + 128]
-            loss = F.mse_loss(model(X[batch]), targets[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval(), X, y
-
-
-def test_right_singular_structure_removes_most_within_class_variability(capsys):
-    model, X, y = small_init_mlp_on_digits()
+def test_right_singular_structure_removes_most_within_class_variability(capsys, reproduce_dnc):
+    example = reproduce_dnc
+    X_train, _, y_train, _ = example.standardised_digits()
+    X, y = torch.tensor(X_train, dtype=torch.float32), torch.as_tensor(y_train)
+    model = example.small_init_mlp(X, y, epochs=100, seed=0)
     assert (model(X).argmax(dim=1) == y).float().mean() >= 0.99
     ds = measured(model, (X, y), output_stage="activation")
     nc1 = ds.nc1_trace.to_pandas()
