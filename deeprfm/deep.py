@@ -42,7 +42,7 @@ from deeprfm.persist import (
 )
 from deeprfm.rfm import RFMClassifier, check_eval_set, check_targets, class_codes
 
-__all__ = ["ROW_NORMALIZATIONS", "DeepRFM", "DeepRFMLayer", "unit_rows"]
+__all__ = ["DeepRFM", "DeepRFMLayer", "unit_rows"]
 
 logger = logging.getLogger("deeprfm")
 

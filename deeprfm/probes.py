@@ -622,7 +622,9 @@ class NeuralProbe:
             ``nfa_cosine`` (cosine, NFM vs AGOP^1/2) when both matrices are measured, and
             every collapse metric of :data:`analysis.METRICS` that applies (``nc1``,
             ``nc1_trace``, ``tr_sw``, ``tr_sb``, ``cdnv``, ``nc2``, ``nc2_equinorm``,
-            ``nc2_equiangle``, ``nc2_dnc``, ``ncc_acc``) of each layer's input; attrs
+            ``nc2_equiangle``, ``nc2_dnc``, ``ncc_acc``) of each layer's features, of dims
+            (``layer``, ``stage``) with coordinate ``stage`` (the requested ``stages``) and,
+            with the ``output`` stage, ``output_source`` (the module whose output it is); attrs
             ``config``, ``timings`` (JSON), ``num_samples`` and, with collapse, ``classes``
             (JSON list of the labels seen). One group per layer,
             ``layers/<name>``, holding ``nfm`` and ``agop`` of dims (``feature_i``,
