@@ -72,6 +72,15 @@ def _add_collapse_parser(subparsers) -> None:
     parser.add_argument("--feature-map", default="relu", choices=["relu", "laplace_rff"])
     parser.add_argument("--bandwidth", type=float, default=10.0, help="kernel bandwidth L")
     parser.add_argument("--reg", type=float, default=1e-3, help="ridge regularisation")
+    parser.add_argument(
+        "--normalize-rows",
+        default="every_layer",
+        choices=["every_layer", "input", "none"],
+        help="scale rows to unit norm on entering every layer, the first only, or never",
+    )
+    parser.add_argument(
+        "--targets", default="onehot", choices=["onehot", "pm1"], help="class codes regressed"
+    )
     parser.add_argument("--plot", default=None, help="write the collapse curves to this PNG")
     _add_run_arguments(parser)
     parser.set_defaults(run=_run_collapse)
@@ -181,6 +190,8 @@ def _run_collapse(args: argparse.Namespace) -> None:
         feature_map=args.feature_map,
         bandwidth=args.bandwidth,
         reg=args.reg,
+        normalize_rows=None if args.normalize_rows == "none" else args.normalize_rows,
+        targets=args.targets,
         device=args.device,
         random_state=args.seed,
         verbose=True,

@@ -512,7 +512,10 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
     def load(cls, path, device: str | torch.device | None = None) -> DeepRFM:
         """Load a model written by :meth:`save` (``torch.load(weights_only=True)``)."""
         config, tensors = load_state(path, "DeepRFM")
-        model = cls(**restore_params(config["params"], device))
+        params = restore_params(config["params"], device)
+        if isinstance(params["normalize_rows"], bool):  # files written before the three options
+            params["normalize_rows"] = "input" if params["normalize_rows"] else None
+        model = cls(**params)
         device, dtype = resolve_device(model.device), resolve_dtype(model.dtype)
         model.classes_ = np.array(config["classes"])
         model.X_fit_ = tensors["X_fit"].to(device=device, dtype=dtype)

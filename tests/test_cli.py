@@ -1,5 +1,6 @@
 """The deeprfm command: every sub-command on tiny data, through a real subprocess."""
 
+import json
 import subprocess
 import sys
 
@@ -54,6 +55,18 @@ def test_collapse_table_netcdf_and_plot_then_plot_command(tmp_path):
     result = run("plot", str(out), "--out", str(again), "--metrics", "nc1_trace", "cdnv")
     assert result.returncode == 0, result.stderr
     assert again.exists()
+
+
+def test_collapse_passes_row_normalisation_and_targets(tmp_path):
+    out = tmp_path / "collapse.nc"
+    result = run(
+        "collapse", "--layers", "2", "--width", "32", "--n-train", "200",
+        "--normalize-rows", "none", "--targets", "pm1", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with xr.open_dataset(out) as collapse:
+        params = json.loads(collapse.attrs["params"])
+    assert params["normalize_rows"] is None and params["targets"] == "pm1"
 
 
 @pytest.mark.parametrize("source", ["torchvision", "timm"])

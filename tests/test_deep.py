@@ -1,5 +1,7 @@
 """Deep RFM: learning and collapse on digits, transform/predict consistency, persistence."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -282,3 +284,36 @@ def test_reproduces_the_papers_deep_neural_collapse_on_digits(reproduce_dnc):
         # training features without improving test accuracy on digits.
         assert model.collapse_["eval_acc"].values[0] >= 0.98
         assert model.score(X_test, y_test) >= 0.97
+
+
+def test_save_and_load_keep_the_new_options(digits, tmp_path):
+    X_train, X_test, y_train, _ = digits
+    model = DeepRFM(
+        layers=2,
+        width=None,
+        feature_map="laplace_rff",
+        feature_params={"scale": 0.5},
+        normalize_rows=None,
+        targets="pm1",
+        random_state=0,
+    ).fit(X_train[:300], y_train[:300])
+    model.save(tmp_path / "deep.pt")
+    loaded = DeepRFM.load(tmp_path / "deep.pt")
+    assert loaded.get_params() == model.get_params()
+    np.testing.assert_array_equal(loaded.decision_function(X_test), model.decision_function(X_test))
+
+
+def test_files_with_a_boolean_normalize_rows_load_as_input_normalisation(digits, tmp_path):
+    X_train, X_test, y_train, _ = digits
+    model = DeepRFM(layers=2, width=32, normalize_rows="input", random_state=0)
+    model.fit(X_train[:200], y_train[:200]).save(tmp_path / "deep.pt")
+    state = torch.load(tmp_path / "deep.pt", weights_only=True)
+    config = json.loads(state["config"])
+    config["params"]["normalize_rows"] = True  # as written before the option took names
+    for name in ("feature_params", "targets"):
+        del config["params"][name]
+    state["config"] = json.dumps(config)
+    torch.save(state, tmp_path / "old.pt")
+    loaded = DeepRFM.load(tmp_path / "old.pt")
+    assert loaded.normalize_rows == "input"
+    np.testing.assert_array_equal(loaded.decision_function(X_test), model.decision_function(X_test))
