@@ -16,15 +16,19 @@ def as_numpy(data):
     return data
 
 
-def to_tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def to_tensor(
+    array: np.ndarray, device: torch.device, dtype: torch.dtype, *, copy: bool = False
+) -> torch.Tensor:
     """A numpy array as a tensor on ``device`` with ``dtype``.
 
-    Shares memory with ``array`` when it can (callers never modify it in place); a read-only
-    array is copied, as torch tensors cannot be read-only.
+    With ``copy=False`` it shares memory with ``array`` when it can (callers never modify it
+    in place; use it for data a call reads and drops); ``copy=True`` always returns a tensor of
+    its own, for what a fitted model keeps. A read-only array is copied, as torch tensors
+    cannot be read-only.
     """
     array = np.asarray(array)
-    if not array.flags.writeable:
-        array = array.copy()
+    if copy or not array.flags.writeable:
+        return torch.tensor(array, dtype=dtype, device=device)
     return torch.as_tensor(array, dtype=dtype, device=device)
 
 

@@ -186,8 +186,11 @@ class _BaseRFM(BaseEstimator):
             validation = self._check_eval_set(eval_set, device, dtype)
         M0 = None
         if M_init is not None:
-            M0 = to_tensor(check_square_matrix(M_init, "M_init", X.shape[1]), device, dtype)
-        self._fit_tensors(kernel, to_tensor(X, device, dtype), Y, validation, M0)
+            M0 = to_tensor(
+                check_square_matrix(M_init, "M_init", X.shape[1]), device, dtype, copy=True
+            )
+        # the model keeps X (its centres) and possibly M_init: copies, never the caller's arrays
+        self._fit_tensors(kernel, to_tensor(X, device, dtype, copy=True), Y, validation, M0)
         return self
 
     def _check_eval_set(self, eval_set, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
