@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -17,6 +20,8 @@ DEFAULT_CPU_CAP = 2 * 1024**3
 CPU_KERNEL_BLOCK = 256 * 1024**2
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: The folders of the deeprfm and analysis packages (frames there are the library's).
+_PACKAGES = tuple(Path(__file__).resolve().parents[1] / name for name in ("deeprfm", "analysis"))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -51,6 +56,66 @@ def _available_host_bytes() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX hosts
         return 8 * 1024**3
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free on ``device`` right now: free CUDA memory, or available host RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return int(_available_host_bytes())
+
+
+def check_fits(needed: int, budget: int, device: torch.device, what: str, advice: str) -> None:
+    """Refuse a request larger than the free memory; warn when it exceeds the budget.
+
+    Parameters
+    ----------
+    needed : int
+        Bytes the computation will hold at once.
+    budget : int
+        The memory budget in bytes (:func:`memory_budget`).
+    device : torch.device
+    what : str
+        The request, for the messages (e.g. "solver='direct' at n=200000").
+    advice : str
+        What to do instead.
+
+    Raises
+    ------
+    MemoryError
+        ``needed`` exceeds the free memory of ``device``: raised before any allocation.
+    """
+    gib = 1024**3
+    free = available_bytes(device)
+    if needed > free:
+        raise MemoryError(
+            f"{what} needs {needed / gib:.2f} GiB, more than the {free / gib:.2f} GiB free on "
+            f"{device} (memory budget {budget / gib:.2f} GiB); {advice}"
+        )
+    if needed > budget:
+        warnings.warn(
+            f"{what} needs {needed / gib:.2f} GiB, more than the memory budget of "
+            f"{budget / gib:.2f} GiB (memory_gb); {advice}",
+            RuntimeWarning,
+            stacklevel=find_user_stacklevel(),
+        )
+
+
+def find_user_stacklevel() -> int:
+    """The stack level of the first frame outside the deeprfm and analysis packages.
+
+    For ``warnings.warn(..., stacklevel=find_user_stacklevel())`` called anywhere inside the
+    library: the warning points at the user's line, however deep the call.
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and _in_library(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _in_library(filename: str) -> bool:
+    path = Path(filename).resolve()
+    return any(path.is_relative_to(package) for package in _PACKAGES)
 
 
 def memory_budget(memory_gb: float | None, device: torch.device) -> int:

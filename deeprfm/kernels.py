@@ -41,6 +41,25 @@ def m_sq_norms(X: torch.Tensor, M: torch.Tensor | None) -> torch.Tensor:
     return (XM * X).sum(dim=1)
 
 
+def check_sq_norms(sq_norms: torch.Tensor) -> None:
+    """Raise ValueError if squared distances built from these squared norms could overflow.
+
+    ‖x − z‖²_M ≤ 2‖x‖²_M + 2‖z‖²_M, so norms below a quarter of the dtype's largest value
+    keep every distance of the expansion finite; NaN norms fail too.
+    """
+    if sq_norms.numel() == 0:
+        return
+    largest = float(sq_norms.max())
+    limit = torch.finfo(sq_norms.dtype).max / 4
+    if not largest <= limit:
+        dtype = str(sq_norms.dtype).removeprefix("torch.")
+        raise ValueError(
+            f"X: the squared Mahalanobis distances overflow {dtype}: the inputs (centred) have "
+            f"squared norms up to {largest:.3g} > {limit:.3g}; rescale the inputs (e.g. "
+            "StandardScaler) or use dtype=torch.float64"
+        )
+
+
 def _sq_distances_from(
     X: torch.Tensor, x_sq: torch.Tensor, ZM: torch.Tensor, z_sq: torch.Tensor
 ) -> torch.Tensor:
@@ -174,10 +193,13 @@ class Kernel(ABC):
         Z = Z - shift
         ZM = Z if M is None else Z @ M
         z_sq = (ZM * Z).sum(dim=1)
+        check_sq_norms(z_sq)
         for start in range(0, X.shape[0], rows):
             block = slice(start, start + rows)
             Xb = X[block] - shift
-            yield block, self.from_sq_dist_(_sq_distances_from(Xb, m_sq_norms(Xb, M), ZM, z_sq))
+            x_sq = m_sq_norms(Xb, M)
+            check_sq_norms(x_sq)
+            yield block, self.from_sq_dist_(_sq_distances_from(Xb, x_sq, ZM, z_sq))
 
     def apply(
         self,

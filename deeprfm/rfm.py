@@ -21,6 +21,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
+from deeprfm._diagnostics import check_coefficients, next_metric
 from deeprfm._memory import resolve_device, resolve_dtype
 from deeprfm._validation import (
     as_numpy,
@@ -29,7 +30,7 @@ from deeprfm._validation import (
     check_square_matrix,
     to_tensor,
 )
-from deeprfm.agop import _NORMALIZATIONS, kernel_agop, normalize_matrix, psd_power
+from deeprfm.agop import _NORMALIZATIONS, kernel_agop
 from deeprfm.kernels import Kernel, make_kernel
 from deeprfm.persist import (
     jsonable_params,
@@ -232,6 +233,7 @@ class _BaseRFM(BaseEstimator):
         for iteration in tqdm(range(self.iters + 1), desc="RFM", disable=not self.verbose):
             start = time.perf_counter()
             fit = solver.solve(kernel, X, Y, M, self.reg, eval_set=validation)
+            check_coefficients(fit.alpha, self.reg)
             _synchronize(X.device)
             solved = time.perf_counter()
             scores = self._scores(fit.fitted, Y, "train")
@@ -251,7 +253,16 @@ class _BaseRFM(BaseEstimator):
                     diag=self.diag,
                     memory_gb=self.memory_gb,
                 )
-                M = normalize_matrix(psd_power(agop, self.agop_power), self.normalize)
+                M = next_metric(
+                    agop,
+                    self.agop_power,
+                    self.normalize,
+                    kernel=kernel,
+                    X=X,
+                    M=M,
+                    fitted=fit.fitted,
+                    reg=self.reg,
+                )
                 _synchronize(X.device)
             end = time.perf_counter()
             rows.append(

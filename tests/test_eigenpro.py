@@ -296,10 +296,10 @@ def test_top_q_at_the_rounding_level_is_reduced_with_a_warning():
     assert record[0].filename == __file__
 
 
-def test_bad_data():
+@pytest.mark.parametrize("solver", [EigenProSolver(epochs=1), DirectSolver()], ids=repr)
+def test_bad_data(solver):
     X, Y = _teacher_problem(200)
     kernel = LaplaceKernel(6.0)
-    solver = EigenProSolver(epochs=1)
     bad_x = X.clone()
     bad_x[3, 1] = float("nan")
     asymmetric = torch.eye(10)
@@ -308,17 +308,23 @@ def test_bad_data():
         ((kernel, bad_x, Y), {}, ValueError, "X contains NaN"),
         ((kernel, X, Y[:, 0]), {}, ValueError, "Y must be a 2-D"),
         ((kernel, X, Y[:-1]), {}, ValueError, "different numbers of rows"),
-        ((kernel, X.numpy(), Y), {}, TypeError, "torch tensors"),
+        ((kernel, X.numpy(), Y), {}, TypeError, "X must be a torch.Tensor, got ndarray"),
+        ((kernel, X[:0], Y[:0]), {}, ValueError, "n >= 1"),
+        ((kernel, X, Y), {"reg": float("nan")}, ValueError, "reg must be finite"),
+        ((kernel, X, Y), {"M": torch.full((10, 10), float("nan"))}, ValueError, "NaN"),
         ((kernel, X.half(), Y), {}, TypeError, "float32 or float64"),
         (("laplace", X, Y), {}, TypeError, "kernel must be a Kernel"),
         ((kernel, X, Y), {"reg": -1.0}, ValueError, "reg"),
         ((kernel, X, Y), {"M": torch.eye(3)}, ValueError, r"M must have shape \(10, 10\)"),
         ((kernel, X, Y), {"M": asymmetric}, ValueError, "M must be symmetric"),
         ((kernel, X, Y), {"M": -torch.eye(10)}, ValueError, "positive semi-definite"),
-        ((kernel, X, Y), {"eval_set": (X[:5, :3], Y[:5])}, ValueError, "eval_set X"),
-        ((kernel, X, Y), {"eval_set": (X[:5], Y[:4])}, ValueError, "eval_set Y"),
-        ((kernel, X, Y), {"eval_set": X}, TypeError, "eval_set must be a pair"),
     ]
+    if isinstance(solver, EigenProSolver):  # the direct solve ignores eval_set
+        cases += [
+            ((kernel, X, Y), {"eval_set": (X[:5, :3], Y[:5])}, ValueError, "eval_set X"),
+            ((kernel, X, Y), {"eval_set": (X[:5], Y[:4])}, ValueError, "eval_set Y"),
+            ((kernel, X, Y), {"eval_set": X}, TypeError, "eval_set must be a pair"),
+        ]
     for args, kwargs, error, match in cases:
         with pytest.raises(error, match=match):
             solver.solve(*args, **kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from deeprfm._memory import memory_budget, resolve_device
+from deeprfm._validation import check_number
 from deeprfm.solvers.base import KernelFit, KernelSolver
 from deeprfm.solvers.direct import DirectSolver
 from deeprfm.solvers.eigenpro import EigenProSolver
@@ -51,6 +52,7 @@ def make_solver(
     verbose : bool
         EigenPro's progress bar over epochs.
     """
+    check_number(n, "n", integer=True, low=1)
     if isinstance(solver, KernelSolver):
         return solver
     names = ("auto", *SOLVERS)

@@ -7,8 +7,9 @@ import warnings
 
 import torch
 
+from deeprfm._memory import check_fits, memory_budget
 from deeprfm.kernels import Kernel
-from deeprfm.solvers.base import KernelFit, KernelSolver
+from deeprfm.solvers.base import KernelFit, KernelSolver, check_solve_inputs
 
 logger = logging.getLogger("deeprfm")
 
@@ -46,6 +47,15 @@ class DirectSolver(KernelSolver):
         reg: float = 0.0,
         eval_set: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> KernelFit:
+        X, Y, M, reg = check_solve_inputs(kernel, X, Y, M, reg)
+        n = X.shape[0]
+        check_fits(
+            2 * n * n * X.element_size(),
+            memory_budget(self.memory_gb, X.device),
+            X.device,
+            f"solver='direct' at n={n} (two n x n matrices)",
+            "use solver='eigenpro' or 'auto', fewer points, or a larger memory_gb",
+        )
         K = kernel(X, X, M, memory_gb=self.memory_gb)
         if reg == 0:
             return _pseudo_inverse_solve(K, Y)

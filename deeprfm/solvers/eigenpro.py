@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from deeprfm._memory import memory_budget, rows_per_block
 from deeprfm._validation import check_bool, check_number
 from deeprfm.kernels import Kernel
-from deeprfm.solvers.base import KernelFit, KernelSolver
+from deeprfm.solvers.base import KernelFit, KernelSolver, check_eval_set, check_solve_inputs
 
 __all__ = ["EigenProSolver"]
 
@@ -251,15 +251,11 @@ class EigenProSolver(KernelSolver):
             ``beta``, ``top_eigenvalue``, ``tail_eigenvalue``, ``step_halvings``,
             ``setup_seconds``.
         """
-        if not isinstance(kernel, Kernel):
-            raise TypeError(f"kernel must be a Kernel, got {type(kernel).__name__}")
-        X, Y = _check_training_data(X, Y)
-        check_number(reg, "reg", low=0)
-        reg = float(reg)
+        X, Y, M, reg = check_solve_inputs(kernel, X, Y, M, reg, psd=False)
         factor = _metric_factor(M, X)
         validation = None
         if eval_set is not None:
-            X_val, Y_val = _check_eval_set(eval_set, X, Y)
+            X_val, Y_val = check_eval_set(eval_set, X, Y)
             validation = (_transform(X_val, factor), Y_val)
         X = _transform(X, factor)
         generator = torch.Generator(device="cpu")
@@ -628,18 +624,7 @@ def _metric_factor(M: torch.Tensor | None, X: torch.Tensor) -> torch.Tensor | No
     if M is None:
         return None
     d = X.shape[1]
-    if not isinstance(M, torch.Tensor):
-        raise TypeError(f"M must be a torch.Tensor or None, got {type(M).__name__}")
-    if M.shape != (d, d):
-        raise ValueError(f"M must have shape ({d}, {d}), got {tuple(M.shape)}")
-    if M.device != X.device:
-        raise ValueError(f"M is on {M.device} but X is on {X.device}")
     M = M.double()
-    if not torch.isfinite(M).all():
-        raise ValueError("M contains NaN or infinite values")
-    scale = float(M.abs().max())
-    if not torch.allclose(M, M.T, rtol=0.0, atol=1e-6 * scale):
-        raise ValueError("M must be symmetric")
     values, vectors = torch.linalg.eigh((M + M.T) / 2)
     tolerance = math.sqrt(torch.finfo(X.dtype).eps) * max(float(values[-1]), 0.0)
     if float(values[0]) < -tolerance:
@@ -652,43 +637,3 @@ def _metric_factor(M: torch.Tensor | None, X: torch.Tensor) -> torch.Tensor | No
 
 def _transform(X: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
     return X if factor is None else X @ factor
-
-
-def _check_training_data(X, Y) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(X, torch.Tensor) or not isinstance(Y, torch.Tensor):
-        raise TypeError("X and Y must be torch tensors")
-    if X.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"X must be a float32 or float64 tensor, got {X.dtype}")
-    if X.ndim != 2:
-        raise ValueError(f"X must be a 2-D tensor (n, d), got shape {tuple(X.shape)}")
-    if Y.ndim != 2:
-        raise ValueError(f"Y must be a 2-D tensor (n, c), got shape {tuple(Y.shape)}")
-    if Y.shape[0] != X.shape[0]:
-        raise ValueError(f"X and Y have different numbers of rows: {X.shape[0]} and {Y.shape[0]}")
-    if Y.device != X.device:
-        raise ValueError(f"Y is on {Y.device} but X is on {X.device}")
-    Y = Y.to(X.dtype)
-    for name, tensor in (("X", X), ("Y", Y)):
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"{name} contains NaN or infinite values")
-    return X, Y
-
-
-def _check_eval_set(eval_set, X: torch.Tensor, Y: torch.Tensor):
-    if not isinstance(eval_set, (tuple, list)) or len(eval_set) != 2:
-        raise TypeError("eval_set must be a pair (X_val, Y_val)")
-    X_val, Y_val = eval_set
-    if not isinstance(X_val, torch.Tensor) or not isinstance(Y_val, torch.Tensor):
-        raise TypeError("eval_set must hold two torch tensors")
-    if X_val.ndim != 2 or X_val.shape[1] != X.shape[1]:
-        raise ValueError(f"eval_set X must have shape (m, {X.shape[1]}), got {tuple(X_val.shape)}")
-    if Y_val.shape != (X_val.shape[0], Y.shape[1]):
-        raise ValueError(
-            f"eval_set Y must have shape ({X_val.shape[0]}, {Y.shape[1]}), got {tuple(Y_val.shape)}"
-        )
-    if X_val.device != X.device or Y_val.device != X.device:
-        raise ValueError(f"eval_set must be on the device of X ({X.device})")
-    X_val, Y_val = X_val.to(X.dtype), Y_val.to(X.dtype)
-    if not (torch.isfinite(X_val).all() and torch.isfinite(Y_val).all()):
-        raise ValueError("eval_set contains NaN or infinite values")
-    return X_val, Y_val
