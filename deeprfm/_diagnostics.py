@@ -15,7 +15,7 @@ from deeprfm._memory import find_user_stacklevel
 from deeprfm.agop import normalize_matrix, psd_power
 from deeprfm.kernels import Kernel, sq_distances
 
-__all__ = ["check_coefficients", "next_metric"]
+__all__ = ["check_coefficients", "check_outputs", "next_metric"]
 
 #: Training points whose distances estimate the typical distance (the median of a sample).
 _DISTANCE_SAMPLE = 256
@@ -112,3 +112,13 @@ def check_coefficients(alpha: torch.Tensor, reg: float) -> None:
             f"the kernel solve returned non-finite coefficients (reg={reg:g}); the kernel "
             "matrix or the targets are not finite: check the inputs' scale and the metric"
         )
+
+
+def check_outputs(outputs: torch.Tensor) -> torch.Tensor:
+    """``outputs`` (m, c) of a predictor, or ValueError if any is NaN or infinite."""
+    if not bool(torch.isfinite(outputs).all()):
+        raise ValueError(
+            "the predictions are not finite: the model's coefficients or metric hold NaN or "
+            "infinite values (a damaged model file?) or the inputs overflow its dtype"
+        )
+    return outputs

@@ -9,6 +9,11 @@ from pathlib import Path
 
 import torch
 
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+
 #: Fraction of the free memory that a computation may use when no budget is given.
 DEFAULT_FREE_FRACTION = 0.3
 #: Upper bound of the default CPU memory budget in bytes.
@@ -52,10 +57,21 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def _available_host_bytes() -> int:
+    """Available RAM, and no more than the address space the process may still map."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        page = os.sysconf("SC_PAGE_SIZE")
+        free = os.sysconf("SC_AVPHYS_PAGES") * page
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX hosts
         return 8 * 1024**3
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0] if resource is not None else -1
+    if limit in (-1, getattr(resource, "RLIM_INFINITY", -1)):
+        return free
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            mapped = int(statm.read().split()[0]) * page
+    except (OSError, ValueError, IndexError):  # pragma: no cover - no procfs
+        mapped = 0
+    return max(0, min(free, limit - mapped))
 
 
 def available_bytes(device: torch.device) -> int:

@@ -28,7 +28,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
 from analysis import collapse_metrics
-from deeprfm._memory import resolve_device, resolve_dtype
+from deeprfm._diagnostics import check_outputs
+from deeprfm._memory import check_fits, memory_budget, resolve_device, resolve_dtype
 from deeprfm._validation import as_numpy, check_bool, check_number, to_tensor
 from deeprfm.agop import psd_power
 from deeprfm.features import FEATURE_MAPS, RandomFeatureMap
@@ -40,7 +41,7 @@ from deeprfm.persist import (
     restore_params,
     save_state,
 )
-from deeprfm.rfm import RFMClassifier, check_eval_set, check_targets, class_codes
+from deeprfm.rfm import RFMClassifier, check_eval_set, check_targets, class_codes, metric_bytes
 
 __all__ = ["DeepRFM", "DeepRFMLayer", "unit_rows"]
 
@@ -340,6 +341,7 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
             if len(unseen):
                 raise ValueError(f"eval_set y has labels not seen in y: {unseen[:5].tolist()}")
             evaluation = (self._inputs(X_val), np.searchsorted(self.classes_, y_val))
+        self._check_memory(H)
         rng = check_random_state(self.random_state)
         generator = torch.Generator().manual_seed(int(rng.randint(2**31 - 1)))
         self.X_fit_ = H.clone() if self.normalize_rows is None else H  # never the caller's
@@ -352,6 +354,26 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
             logger.info("Deep RFM layer %d: train acc %.4f", layer, record["train_acc"])
         self.collapse_ = self._collapse_dataset(records)
         return self
+
+    def _check_memory(self, H: torch.Tensor) -> None:
+        """Refuse up front a width whose layers cannot fit (see :func:`check_fits`)."""
+        n, d = H.shape
+        if self.width is None:  # every layer as wide as the input: the RFM's check covers it
+            return
+        width = self.width
+        needed = (
+            (metric_bytes(width) if self.layers > 1 else 0)  # the next layer's RFM metric
+            + 8 * width * (max(d, width) + 1)  # a feature map's float64 draws
+            + 2 * n * width * H.element_size()  # one layer's features and the next's
+        )
+        check_fits(
+            needed,
+            memory_budget(self.memory_gb, H.device),
+            H.device,
+            f"DeepRFM(width={width}) on {n} points (a layer's features, random weights and "
+            "the next layer's d x d metric)",
+            "use a smaller width or a larger memory_gb",
+        )
 
     def _fit_layer(self, H, Y, labels, evaluation, seed, generator):
         """Fit one layer on the features H (n, d_l) entering it.
@@ -468,7 +490,9 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
         kernel = make_kernel(self.kernel, self.bandwidth, self.exponent)
         H, centres = self._new_inputs(X), self.X_fit_
         for index, fitted in enumerate(self.layers_[: upto + 1]):
-            yield kernel.apply(H, centres, fitted.alpha, fitted.M, memory_gb=self.memory_gb)
+            yield check_outputs(
+                kernel.apply(H, centres, fitted.alpha, fitted.M, memory_gb=self.memory_gb)
+            )
             if index < upto:
                 H = self._rescale(fitted.forward(H), index + 1)
                 centres = self._rescale(fitted.forward(centres), index + 1)

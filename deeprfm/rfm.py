@@ -21,8 +21,8 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
-from deeprfm._diagnostics import check_coefficients, next_metric
-from deeprfm._memory import resolve_device, resolve_dtype
+from deeprfm._diagnostics import check_coefficients, check_outputs, next_metric
+from deeprfm._memory import check_fits, memory_budget, resolve_device, resolve_dtype
 from deeprfm._validation import (
     as_numpy,
     check_bool,
@@ -213,6 +213,13 @@ class _BaseRFM(BaseEstimator):
     ) -> None:
         """The RFM loop on validated tensors (n, d) and targets (n, c) on one device."""
         n, d = X.shape
+        check_fits(
+            metric_bytes(d),
+            memory_budget(self.memory_gb, X.device),
+            X.device,
+            f"an RFM on d={d} features (its d x d metric, AGOP and eigendecomposition)",
+            "use fewer features or a larger memory_gb",
+        )
         solver = make_solver(
             self.solver,
             n,
@@ -344,8 +351,10 @@ class _BaseRFM(BaseEstimator):
         check_is_fitted(self, "alpha_")
         X = validate_data(self, as_numpy(X), reset=False, dtype=[np.float64, np.float32])
         Z = to_tensor(X, self.X_fit_.device, self.X_fit_.dtype)
-        return self.kernel_.apply(
-            Z, self.X_fit_, self._alpha_fit, self._M_fit, memory_gb=self.memory_gb
+        return check_outputs(
+            self.kernel_.apply(
+                Z, self.X_fit_, self._alpha_fit, self._M_fit, memory_gb=self.memory_gb
+            )
         )
 
 
@@ -362,6 +371,16 @@ def check_eval_set(eval_set, n_features: int) -> tuple[np.ndarray, np.ndarray]:
     if len(X_val) != len(y_val):
         raise ValueError(f"eval_set X and y have different lengths: {len(X_val)} and {len(y_val)}")
     return X_val, y_val
+
+
+#: d × d float64 matrices alive at once in an RFM iteration: the AGOP, its eigenvectors and
+#: eigenvalue workspace, the power, the metric.
+_METRIC_COPIES = 4
+
+
+def metric_bytes(d: int) -> int:
+    """Bytes of the d × d matrices one RFM iteration holds for ``d`` features."""
+    return _METRIC_COPIES * 8 * d * d
 
 
 #: Regression codes of the classes a classifier can fit (``targets=``).

@@ -45,7 +45,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from deeprfm._memory import memory_budget, rows_per_block
+from deeprfm._memory import find_user_stacklevel, memory_budget, rows_per_block
 from deeprfm._validation import check_bool, check_number
 from deeprfm.kernels import Kernel
 from deeprfm.solvers.base import KernelFit, KernelSolver, check_eval_set, check_solve_inputs
@@ -68,6 +68,8 @@ _MAX_EIGENPAIRS = 1000
 _ROUNDING_MARGIN = 1000
 #: Subsample size bounds of the default rule s = n/10.
 _SUBSAMPLE_RANGE = (2000, 12000)
+#: Below this subsample size (or n) the preconditioner is too poor to solve: refused.
+_MIN_SUBSAMPLE = 256
 #: A validation MSE this much (relative) below the best so far resets ``patience``.
 _MIN_IMPROVEMENT = 1e-3
 #: An epoch whose training residual exceeds this multiple of the best one so far diverged.
@@ -323,6 +325,22 @@ class EigenProSolver(KernelSolver):
         if self.subsample_size is None:
             low, high = _SUBSAMPLE_RANGE
             affordable = math.isqrt(budget // (_EIGH_COPIES * 8))
+            if affordable < min(_MIN_SUBSAMPLE, n):
+                least = _EIGH_COPIES * 8 * min(_MIN_SUBSAMPLE, n) ** 2
+                raise ValueError(
+                    f"memory_gb: a budget of {budget / 1024**3:.3g} GiB is too small for "
+                    f"EigenPro at n={n}: its preconditioner needs a subsample of at least "
+                    f"{min(_MIN_SUBSAMPLE, n)} points, {least / 1024**2:.1f} MiB; raise "
+                    "memory_gb"
+                )
+            if affordable < min(low, n):
+                warnings.warn(
+                    f"memory_gb: the budget of {budget / 1024**3:.3g} GiB affords a "
+                    f"preconditioner subsample of {affordable} points instead of {min(low, n)}; "
+                    "EigenPro will need more epochs (raise memory_gb to avoid this)",
+                    RuntimeWarning,
+                    stacklevel=find_user_stacklevel(),
+                )
             return min(n, max(min(n // 10, high, affordable), min(low, affordable)))
         if self.subsample_size > n:
             warnings.warn(
