@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -9,6 +10,24 @@ import numpy as np
 import torch
 
 Array: TypeAlias = np.ndarray | torch.Tensor
+
+#: The packages of the deeprfm distribution: their frames are the library's, not the user's.
+LIBRARY_PACKAGES = frozenset({"analysis", "deeprfm"})
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` that points at the user's line.
+
+    The level of the first calling frame whose module is not in :data:`LIBRARY_PACKAGES`, so a
+    warning raised anywhere inside the library, however deep, names the user's call.
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.partition(".")[0] not in LIBRARY_PACKAGES:
+            break
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def named_items(items: Any, what: str) -> tuple[list[Hashable], list[Any]]:

@@ -14,6 +14,7 @@ known. All statistics are accumulated in float64 on the features' device.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from analysis._common import Array, named_items
+from analysis._common import Array, named_items, user_stacklevel
 
 __all__ = [
     "METRICS",
@@ -597,6 +598,7 @@ class CollapseAccumulator:
                 f"{self._counts.tolist()}; both passes must see the same samples"
             )
         values = self._compute(st, metrics, clf)
+        _warn_degenerate(values)
         config = {
             "global_mean": self.global_mean,
             "num_classes": self.num_classes,
@@ -678,6 +680,22 @@ class CollapseAccumulator:
 
 
 # --------------------------------------------------------------------------- one-shot API
+def _warn_degenerate(values: Mapping[str, float]) -> None:
+    """Warn once, naming them, when metrics are NaN or infinite, and say why."""
+    bad = [name for name, value in values.items() if not np.isfinite(value)]
+    if not bad:
+        return
+    if values.get("tr_sb", 1.0) == 0.0 or values.get("nc1_trace") != values.get("nc1_trace"):
+        why = "all class means coincide (Sigma_B = 0), as for constant or zero features"
+    else:
+        why = "some class means coincide or equal the global mean (a zero distance or norm)"
+    warnings.warn(
+        f"collapse metrics {bad} are not finite: {why}",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
+    )
+
+
 def _encode_labels(labels: Any, n: int) -> tuple[np.ndarray, int]:
     """Any labels (n,) -> class indices into the sorted unique labels, and the class count."""
     if isinstance(labels, torch.Tensor):

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from deeprfm._memory import find_user_stacklevel
+from analysis._common import user_stacklevel
 from deeprfm.agop import normalize_matrix, psd_power
 from deeprfm.kernels import Kernel, sq_distances
 
@@ -73,7 +73,7 @@ def next_metric(
         f"the fitted predictor is constant (its AGOP is zero), so the learned metric M is 0 "
         f"and every later iteration stays constant; likely cause: {cause}",
         RuntimeWarning,
-        stacklevel=find_user_stacklevel(),
+        stacklevel=user_stacklevel(),
     )
     return powered
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 import warnings
-from pathlib import Path
 
 import torch
+
+from analysis._common import user_stacklevel
 
 try:
     import resource
@@ -25,8 +25,6 @@ DEFAULT_CPU_CAP = 2 * 1024**3
 CPU_KERNEL_BLOCK = 256 * 1024**2
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-#: The folders of the deeprfm and analysis packages (frames there are the library's).
-_PACKAGES = tuple(Path(__file__).resolve().parents[1] / name for name in ("deeprfm", "analysis"))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -113,25 +111,8 @@ def check_fits(needed: int, budget: int, device: torch.device, what: str, advice
             f"{what} needs {needed / gib:.2f} GiB, more than the memory budget of "
             f"{budget / gib:.2f} GiB (memory_gb); {advice}",
             RuntimeWarning,
-            stacklevel=find_user_stacklevel(),
+            stacklevel=user_stacklevel(),
         )
-
-
-def find_user_stacklevel() -> int:
-    """The stack level of the first frame outside the deeprfm and analysis packages.
-
-    For ``warnings.warn(..., stacklevel=find_user_stacklevel())`` called anywhere inside the
-    library: the warning points at the user's line, however deep the call.
-    """
-    frame, level = sys._getframe(1), 1
-    while frame is not None and _in_library(frame.f_code.co_filename):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _in_library(filename: str) -> bool:
-    path = Path(filename).resolve()
-    return any(path.is_relative_to(package) for package in _PACKAGES)
 
 
 def memory_budget(memory_gb: float | None, device: torch.device) -> int:

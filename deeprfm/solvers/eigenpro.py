@@ -45,7 +45,8 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from deeprfm._memory import find_user_stacklevel, memory_budget, rows_per_block
+from analysis._common import user_stacklevel
+from deeprfm._memory import memory_budget, rows_per_block
 from deeprfm._validation import check_bool, check_number
 from deeprfm.kernels import Kernel
 from deeprfm.solvers.base import KernelFit, KernelSolver, check_eval_set, check_solve_inputs
@@ -339,7 +340,7 @@ class EigenProSolver(KernelSolver):
                     f"preconditioner subsample of {affordable} points instead of {min(low, n)}; "
                     "EigenPro will need more epochs (raise memory_gb to avoid this)",
                     RuntimeWarning,
-                    stacklevel=find_user_stacklevel(),
+                    stacklevel=user_stacklevel(),
                 )
             return min(n, max(min(n // 10, high, affordable), min(low, affordable)))
         if self.subsample_size > n:
