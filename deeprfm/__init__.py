@@ -12,6 +12,7 @@ from deeprfm.kernels import (
     LaplaceKernel,
     make_kernel,
 )
+from deeprfm.persist import ModelFileError
 from deeprfm.rfm import RFMClassifier, RFMRegressor
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "GeneralizedLaplaceKernel",
     "Kernel",
     "LaplaceKernel",
+    "ModelFileError",
     "RFMClassifier",
     "RFMRegressor",
     "agop",

@@ -35,13 +35,22 @@ from deeprfm.agop import psd_power
 from deeprfm.features import FEATURE_MAPS, RandomFeatureMap
 from deeprfm.kernels import Kernel, make_kernel
 from deeprfm.persist import (
+    check_tensors,
     jsonable_params,
     load_state,
+    model_file_errors,
     params_json,
     restore_params,
     save_state,
 )
-from deeprfm.rfm import RFMClassifier, check_eval_set, check_targets, class_codes, metric_bytes
+from deeprfm.rfm import (
+    RFMClassifier,
+    check_classes,
+    check_eval_set,
+    check_targets,
+    class_codes,
+    metric_bytes,
+)
 
 __all__ = ["DeepRFM", "DeepRFMLayer", "unit_rows"]
 
@@ -536,32 +545,51 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
     def load(cls, path, device: str | torch.device | None = None) -> DeepRFM:
         """Load a model written by :meth:`save` (``torch.load(weights_only=True)``)."""
         config, tensors = load_state(path, "DeepRFM")
-        params = restore_params(config["params"], device)
-        if isinstance(params["normalize_rows"], bool):  # files written before the three options
-            params["normalize_rows"] = "input" if params["normalize_rows"] else None
-        model = cls(**params)
-        device, dtype = resolve_device(model.device), resolve_dtype(model.dtype)
-        model.classes_ = np.array(config["classes"])
-        model.X_fit_ = tensors["X_fit"].to(device=device, dtype=dtype)
-        model.n_features_in_ = model.X_fit_.shape[1]
-        model.layers_ = []
-        for i, (map_config, history) in enumerate(
-            zip(config["feature_maps"], config["histories"], strict=True)
-        ):
-            state = {
-                k.removeprefix(f"layer{i}.map."): v.to(device=device, dtype=dtype)
-                for k, v in tensors.items()
-                if k.startswith(f"layer{i}.map.")
-            }
-            M = tensors[f"layer{i}.M"].to(device=device, dtype=dtype)
-            model.layers_.append(
-                DeepRFMLayer(
-                    M,
-                    psd_power(M, 0.5),
-                    RandomFeatureMap.from_state_dict(map_config, state),
-                    tensors[f"layer{i}.alpha"].to(device=device, dtype=dtype),
-                    xr.Dataset.from_dict(history),
+        with model_file_errors(path):
+            params = restore_params(config["params"], device)
+            if isinstance(params["normalize_rows"], bool):  # written before the option's names
+                params["normalize_rows"] = "input" if params["normalize_rows"] else None
+            model = cls(**params)
+            model._check_params()
+            model.classes_ = check_classes(config["classes"])
+            maps = [_map_class(entry) for entry in config["feature_maps"]]
+            if len(maps) != len(config["histories"]):
+                raise ValueError("feature_maps and histories have different lengths")
+            shapes = {"X_fit": ("n", "d0")}
+            for i, map_class in enumerate(maps):
+                shapes |= {f"layer{i}.M": (f"d{i}", f"d{i}"), f"layer{i}.alpha": ("n", "c")}
+                shapes[f"layer{i}.map.weight"] = (f"d{i + 1}", f"d{i}")
+                if map_class.has_bias(config["feature_maps"][i]):
+                    shapes[f"layer{i}.map.bias"] = (f"d{i + 1}",)
+            check_tensors(path, tensors, shapes, {"c": len(model.classes_)})
+            device, dtype = resolve_device(model.device), resolve_dtype(model.dtype)
+            model.X_fit_ = tensors["X_fit"].to(device=device, dtype=dtype)
+            model.n_features_in_ = model.X_fit_.shape[1]
+            model.layers_ = []
+            for i, (map_config, history) in enumerate(
+                zip(config["feature_maps"], config["histories"], strict=True)
+            ):
+                state = {
+                    k.removeprefix(f"layer{i}.map."): v.to(device=device, dtype=dtype)
+                    for k, v in tensors.items()
+                    if k.startswith(f"layer{i}.map.")
+                }
+                M = tensors[f"layer{i}.M"].to(device=device, dtype=dtype)
+                model.layers_.append(
+                    DeepRFMLayer(
+                        M,
+                        psd_power(M, 0.5),
+                        RandomFeatureMap.from_state_dict(map_config, state),
+                        tensors[f"layer{i}.alpha"].to(device=device, dtype=dtype),
+                        xr.Dataset.from_dict(history),
+                    )
                 )
-            )
-        model.collapse_ = xr.Dataset.from_dict(config["collapse"])
+            model.collapse_ = xr.Dataset.from_dict(config["collapse"])
         return model
+
+
+def _map_class(config: dict) -> type[RandomFeatureMap]:
+    """The feature-map class a saved map configuration names."""
+    if not isinstance(config, dict) or config.get("name") not in FEATURE_MAPS:
+        raise ValueError(f"unknown feature map {config!r}; known: {sorted(FEATURE_MAPS)}")
+    return FEATURE_MAPS[config["name"]]

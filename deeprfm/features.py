@@ -99,6 +99,11 @@ class RandomFeatureMap(ABC):
         """Constructor arguments, JSON-serialisable."""
         return {"name": self.name, "width": self.width}
 
+    @classmethod
+    def has_bias(cls, config: dict) -> bool:
+        """Whether a map with this :meth:`config` has a bias in its :meth:`state_dict`."""
+        return True
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The random draws."""
         state = {"weight": self.weight}
@@ -142,6 +147,10 @@ class ReLURandomFeatures(RandomFeatureMap):
 
     def config(self) -> dict:
         return super().config() | {"bias": self.use_bias, "init": self.init}
+
+    @classmethod
+    def has_bias(cls, config: dict) -> bool:
+        return bool(config["bias"])
 
     def _draw(self, n_features, generator):
         shape = (self.width, n_features + 1)

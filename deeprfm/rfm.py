@@ -33,8 +33,10 @@ from deeprfm._validation import (
 from deeprfm.agop import _NORMALIZATIONS, kernel_agop
 from deeprfm.kernels import Kernel, make_kernel
 from deeprfm.persist import (
+    check_tensors,
     jsonable_params,
     load_state,
+    model_file_errors,
     params_json,
     restore_params,
     save_state,
@@ -332,18 +334,25 @@ class _BaseRFM(BaseEstimator):
             Where to put the model; default the device it was saved with.
         """
         config, tensors = load_state(path, cls.__name__)
-        model = cls(**restore_params(config["params"], device))
-        device, dtype = resolve_device(model.device), resolve_dtype(model.dtype)
-        model.X_fit_, model._M_fit, model._alpha_fit = (
-            tensors[name].to(device=device, dtype=dtype) for name in ("X_fit", "M", "alpha")
-        )
-        model.kernel_ = make_kernel(model.kernel, model.bandwidth, model.exponent)
-        model.n_features_in_ = model.X_fit_.shape[1]
-        model.M_ = model._M_fit.cpu().numpy().astype(np.float64)
-        model.alpha_ = model._alpha_fit.cpu().numpy().astype(np.float64)
-        model.best_iter_ = config["best_iter"]
-        model.history_ = xr.Dataset.from_dict(config["history"])
-        model._set_target_config(config["targets"])
+        with model_file_errors(path):
+            model = cls(**restore_params(config["params"], device))
+            model.kernel_ = model._check_params()
+            model._set_target_config(config["targets"])
+            check_tensors(
+                path,
+                tensors,
+                {"X_fit": ("n", "d"), "M": ("d", "d"), "alpha": ("n", "c")},
+                model._target_sizes(),
+            )
+            device, dtype = resolve_device(model.device), resolve_dtype(model.dtype)
+            model.X_fit_, model._M_fit, model._alpha_fit = (
+                tensors[name].to(device=device, dtype=dtype) for name in ("X_fit", "M", "alpha")
+            )
+            model.n_features_in_ = model.X_fit_.shape[1]
+            model.M_ = model._M_fit.cpu().numpy().astype(np.float64)
+            model.alpha_ = model._alpha_fit.cpu().numpy().astype(np.float64)
+            model.best_iter_ = int(config["best_iter"])
+            model.history_ = xr.Dataset.from_dict(config["history"])
         return model
 
     def _outputs(self, X) -> torch.Tensor:
@@ -391,6 +400,16 @@ def check_targets(targets: str) -> None:
     """Raise ValueError unless ``targets`` names a class coding of :data:`TARGET_CODES`."""
     if not isinstance(targets, str) or targets not in TARGET_CODES:
         raise ValueError(f"targets must be one of {TARGET_CODES}, got {targets!r}")
+
+
+def check_classes(classes: list) -> np.ndarray:
+    """The class labels of a model file: a list of at least two distinct, sorted labels."""
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise ValueError(f"classes must be a list of at least 2 labels, got {classes!r}")
+    labels = np.array(classes)
+    if len(np.unique(labels)) != len(labels) or not np.array_equal(np.sort(labels), labels):
+        raise ValueError("classes must be distinct and sorted")
+    return labels
 
 
 def class_codes(labels: np.ndarray, n_classes: int, targets: str = "onehot") -> np.ndarray:
@@ -485,7 +504,14 @@ class RFMRegressor(RegressorMixin, _BaseRFM):
         return {"single_output": self._single_output}
 
     def _set_target_config(self, config: dict) -> None:
+        if not isinstance(config["single_output"], bool):
+            raise TypeError(
+                f"targets single_output must be a bool, got {config['single_output']!r}"
+            )
         self._single_output = config["single_output"]
+
+    def _target_sizes(self) -> dict[str, int]:
+        return {"c": 1} if self._single_output else {}
 
     def predict(self, X) -> np.ndarray:
         """Predicted targets, shape (n_samples,) or (n_samples, n_outputs)."""
@@ -574,7 +600,10 @@ class RFMClassifier(ClassifierMixin, _BaseRFM):
         return {"classes": self.classes_.tolist()}
 
     def _set_target_config(self, config: dict) -> None:
-        self.classes_ = np.array(config["classes"])
+        self.classes_ = check_classes(config["classes"])
+
+    def _target_sizes(self) -> dict[str, int]:
+        return {"c": len(self.classes_)}
 
     def _fit_encoded(self, X: torch.Tensor, Y: torch.Tensor, classes: np.ndarray):
         """Fit on tensors already validated: X (n, d) and one-hot Y (n, len(classes))."""

@@ -14,7 +14,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import check_estimator
 
-from deeprfm import LaplaceKernel, RFMClassifier, RFMRegressor
+from deeprfm import LaplaceKernel, ModelFileError, RFMClassifier, RFMRegressor
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +262,7 @@ class _CodeRunningPayload:
 def test_load_never_executes_pickled_code(tmp_path):
     marker = tmp_path / "executed"
     torch.save({"format": "deeprfm-1", "config": _CodeRunningPayload(marker)}, tmp_path / "bad.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ModelFileError, match=r"bad\.pt.*UnpicklingError") as info:
         RFMClassifier.load(tmp_path / "bad.pt")
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
     assert not marker.exists()
