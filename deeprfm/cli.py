@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -35,7 +36,14 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--out", default=None, help="write the results to this netCDF file")
+    _add_overwrite_argument(parser)
     parser.add_argument("--verbose", action="store_true", help="progress bars and log messages")
+
+
+def _add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace output files that already exist"
+    )
 
 
 def _add_rfm_parser(subparsers) -> None:
@@ -126,6 +134,7 @@ def _add_plot_parser(subparsers) -> None:
     )
     parser.add_argument("path", help="netCDF file with a `layer` dimension")
     parser.add_argument("--out", required=True, help="PNG file to write")
+    _add_overwrite_argument(parser)
     parser.add_argument("--metrics", nargs="+", default=["nc1", "nc2"], help="variables to draw")
     parser.add_argument(
         "--stage", default="input", help="Deep RFM stage to draw (input, projected, features)"
@@ -139,11 +148,24 @@ def _load_split(args: argparse.Namespace, split: str, n: int | None):
     return load_dataset(args.dataset, root=args.root, split=split, n=n, random_state=args.seed)
 
 
+def _load_splits(args: argparse.Namespace):
+    """Training and test splits; the training subset must hold every class of the test one."""
+    X_train, y_train = _load_split(args, "train", args.n_train)
+    X_test, y_test = _load_split(args, "test", args.n_test)
+    missing = np.setdiff1d(y_test, y_train)
+    if len(missing):
+        raise ValueError(
+            f"--n-train {args.n_train}: the training subset holds {len(np.unique(y_train))} of "
+            f"the {len(np.unique(y_test))} classes (missing {missing[:5].tolist()}); use a "
+            "larger --n-train"
+        )
+    return X_train, X_test, y_train, y_test
+
+
 def _run_rfm(args: argparse.Namespace) -> None:
     from deeprfm.rfm import RFMClassifier
 
-    X_train, y_train = _load_split(args, "train", args.n_train)
-    X_test, y_test = _load_split(args, "test", args.n_test)
+    X_train, X_test, y_train, y_test = _load_splits(args)
     model = RFMClassifier(
         kernel=args.kernel,
         bandwidth=args.bandwidth,
@@ -182,8 +204,7 @@ def _run_rfm(args: argparse.Namespace) -> None:
 def _run_collapse(args: argparse.Namespace) -> None:
     from deeprfm.deep import DeepRFM
 
-    X_train, y_train = _load_split(args, "train", args.n_train)
-    X_test, y_test = _load_split(args, "test", args.n_test)
+    X_train, X_test, y_train, y_test = _load_splits(args)
     model = DeepRFM(
         layers=args.layers,
         width=args.width,
@@ -242,7 +263,15 @@ def _build_model(args: argparse.Namespace, num_classes: int):
             raise ValueError(f"--arch {args.arch!r} is not a torchvision model")
         model = torchvision.models.get_model(args.arch, weights=None, num_classes=num_classes)
     if args.weights is not None:
-        state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        if not Path(args.weights).is_file():
+            raise FileNotFoundError(f"--weights {args.weights}: no such file")
+        try:
+            state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for files it refuses
+            raise ValueError(
+                f"--weights {args.weights}: not a state-dict file that loads without running "
+                f"code ({_error_summary(err)})"
+            ) from err
         model.load_state_dict(state)
     return model
 
@@ -318,11 +347,17 @@ def _positive_int(args: argparse.Namespace) -> int:
 def _run_plot(args: argparse.Namespace) -> None:
     import xarray as xr
 
+    if not Path(args.path).is_file():
+        raise FileNotFoundError(f"{args.path}: no such file")
+
     with xr.open_dataset(args.path) as data:
         data = data.load()
     if "layer" not in data.dims:
         raise ValueError(f"{args.path} has no `layer` dimension to plot along")
     if "stage" in data.dims:
+        stages = [str(stage) for stage in data.stage.values]
+        if args.stage not in stages:
+            raise ValueError(f"--stage {args.stage!r}: {args.path} has the stages {stages}")
         data = data.sel(stage=args.stage)
     missing = [m for m in args.metrics if m not in data]
     if missing:
@@ -364,17 +399,76 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Errors the user can act on (bad arguments, files, devices, memory): exit status 2.
+_USER_ERRORS = (ValueError, TypeError, OSError, MemoryError, RuntimeError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for bad arguments)."""
+    """Run the command line; returns the exit status.
+
+    Every failure prints one line on stderr: status 2 for bad arguments, files, devices and
+    memory, 1 for anything else.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:
+        _check_outputs(args)
+        _check_device(args)
         args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        parser.exit(2, f"deeprfm {args.command}: error: {message}\n")
+    except _USER_ERRORS as err:
+        parser.exit(2, f"deeprfm {args.command}: error: {_first_line(err)}\n")
+    except Exception as err:  # never a traceback: one line, and a status that says it failed
+        parser.exit(1, f"deeprfm {args.command}: internal error: {_first_line(err)}\n")
     return 0
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _error_summary(err: BaseException) -> str:
+    """``Type: first line`` of an exception, or its type alone when it has no message."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Before any work: every output file can be written, and replaces none unasked."""
+    for option in ("out", "plot"):
+        path = getattr(args, option, None)
+        if path is None:
+            continue
+        path = Path(path)
+        flag = f"--{option} {path}"
+        if path.is_dir():
+            raise ValueError(f"{flag} is a directory")
+        if path.exists() and not args.overwrite:
+            raise ValueError(f"{flag} exists; pass --overwrite to replace it")
+        if not path.parent.is_dir():
+            raise ValueError(f"{flag}: the folder {path.parent} does not exist")
+        existed = path.exists()
+        try:
+            with open(path, "ab" if existed else "xb"):
+                pass
+        except OSError as err:
+            raise ValueError(f"{flag} cannot be written ({err.strerror or err})") from err
+        if not existed:
+            path.unlink()
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    if getattr(args, "device", None) is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {args.device!r} is not a torch device") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available")
 
 
 if __name__ == "__main__":

@@ -224,6 +224,8 @@ def load_dataset(
         base = default_root() if root is None else Path(root).expanduser()
         images, labels, pixel_max = _FILE_LOADERS[name](base, split)
 
+    if len(labels) == 0:
+        raise ValueError(f"the {name} {split!r} split's files hold no images")
     if n is not None:
         if n > len(labels):
             raise ValueError(
@@ -423,30 +425,40 @@ def _mnist_file(root: Path, base: str, split: str) -> Path:
 
 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Read an unsigned-byte IDX file (optionally gzipped) with ``ndim`` dimensions."""
-    if path.suffix == ".gz":
-        try:
-            with gzip.open(path, "rb") as file:
-                buffer = file.read()
-        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-            raise ValueError(f"{path} is not a valid gzip file ({exc})") from exc
-    else:
-        buffer = path.read_bytes()
-    header = 4 + 4 * ndim
-    if len(buffer) < header or buffer[:2] != b"\x00\x00":
+    """Read an unsigned-byte IDX file (optionally gzipped) with ``ndim`` dimensions.
+
+    The header is read first and then exactly the bytes it announces, so a small file whose
+    header (or gzip stream) claims more is refused without reading or inflating the rest.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as file:
+            header = file.read(4 + 4 * ndim)
+            shape = _idx_shape(path, header, ndim)
+            size = math.prod(shape)
+            data = file.read(size)
+            trailing = file.read(1)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise ValueError(f"{path} is not a valid gzip file ({exc})") from exc
+    if len(data) != size or trailing:
+        held = f"{len(data)}" if len(data) < size else f"more than {size}"
+        raise ValueError(
+            f"{path}: the header announces shape {shape} ({size} bytes) but the file holds "
+            f"{held} data bytes"
+        )
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+
+
+def _idx_shape(path: Path, header: bytes, ndim: int) -> tuple[int, ...]:
+    """The shape an IDX header announces, after checking its magic number and type."""
+    if len(header) < 4 + 4 * ndim or header[:2] != b"\x00\x00":
         raise ValueError(f"{path} is not an IDX file (bad magic number)")
-    if buffer[2] != _IDX_UBYTE or buffer[3] != ndim:
+    if header[2] != _IDX_UBYTE or header[3] != ndim:
         raise ValueError(
             f"{path}: expected unsigned-byte IDX data (type 0x08) with {ndim} dimension(s); "
-            f"got type 0x{buffer[2]:02x} with {buffer[3]}"
+            f"got type 0x{header[2]:02x} with {header[3]}"
         )
-    shape = struct.unpack(f">{ndim}I", buffer[4:header])
-    if len(buffer) != header + math.prod(shape):
-        raise ValueError(
-            f"{path}: the header announces shape {shape} ({math.prod(shape)} bytes) but the file "
-            f"holds {len(buffer) - header} data bytes"
-        )
-    return np.frombuffer(buffer, dtype=np.uint8, offset=header).reshape(shape)
+    return struct.unpack(f">{ndim}I", header[4:])
 
 
 def _load_svhn(root: Path, split: str) -> tuple[np.ndarray, np.ndarray, float]:

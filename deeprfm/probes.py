@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -302,8 +303,14 @@ class _Source:
             and len(data) == 2
             and all(isinstance(a, (torch.Tensor, np.ndarray)) for a in data)
             and data[1].ndim == 1
-            and len(data[0]) == len(data[1])
+            and data[0].ndim >= 1
         )
+        if self.pair and len(data[0]) != len(data[1]):
+            if data[0].ndim >= 2 and not torch.as_tensor(data[1]).is_floating_point():
+                raise ValueError(
+                    f"data: the pair (X, y) has {len(data[0])} inputs but {len(data[1])} labels"
+                )
+            self.pair = False
         if passes > 1 and isinstance(data, Iterator):
             raise TypeError(
                 "data: a one-shot iterator cannot be passed over twice, and the collapse "
@@ -336,9 +343,19 @@ def _forward_hooks(
     module: Callable[[_Layer], nn.Module] = lambda layer: layer.module,
 ) -> Iterator[None]:
     """Forward hooks (with kwargs) on every layer's module (or the one ``module`` picks),
-    removed on exit, also after an exception."""
+    removed on exit, also after an exception. They act only on forward passes of the thread
+    that registered them, so probes measuring one model from several threads do not mix."""
+    owner = threading.get_ident()
+
+    def own_thread_only(hook: Callable[..., Any]) -> Callable[..., Any]:
+        def filtered(*args: Any) -> Any:
+            return hook(*args) if threading.get_ident() == owner else None
+
+        return filtered
+
     handles = [
-        module(layer).register_forward_hook(make_hook(layer), with_kwargs=True) for layer in layers
+        module(layer).register_forward_hook(own_thread_only(make_hook(layer)), with_kwargs=True)
+        for layer in layers
     ]
     try:
         yield
@@ -347,21 +364,39 @@ def _forward_hooks(
             handle.remove()
 
 
+#: Models inside a measurement: id -> [measurements under way, saved modes, saved flags].
+_MEASURED: dict[int, list[Any]] = {}
+_MEASURED_LOCK = threading.Lock()
+
+
 @contextmanager
 def _evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode and frozen parameters inside; every module's mode and flag restored on exit."""
-    modes = [(module, module.training) for module in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    """Eval mode and frozen parameters inside; every module's mode and flag restored on exit.
+
+    Measurements of one model from several threads share the state saved by the first and
+    the last to finish restores it.
+    """
+    with _MEASURED_LOCK:
+        entry = _MEASURED.get(id(model))
+        if entry is None:
+            modes = [(module, module.training) for module in model.modules()]
+            flags = [(p, p.requires_grad) for p in model.parameters()]
+            entry = _MEASURED[id(model)] = [0, modes, flags]
+            model.eval()
+            for p, _ in flags:
+                p.requires_grad_(False)
+        entry[0] += 1
     try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
         yield
     finally:
-        for module, training in modes:
-            module.training = training
-        for p, requires_grad in flags:
-            p.requires_grad_(requires_grad)
+        with _MEASURED_LOCK:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _MEASURED[id(model)]
+                for module, training in entry[1]:
+                    module.training = training
+                for p, requires_grad in entry[2]:
+                    p.requires_grad_(requires_grad)
 
 
 def _layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
