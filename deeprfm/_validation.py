@@ -64,3 +64,22 @@ def check_square_matrix(matrix, name: str, size: int) -> np.ndarray:
     if array.shape != (size, size):
         raise ValueError(f"{name} must have shape ({size}, {size}), got {array.shape}")
     return array
+
+
+def check_metric_matrix(matrix, name: str, size: int) -> np.ndarray:
+    """A finite, symmetric, positive semi-definite (size, size) array (a copy), or ValueError.
+
+    Symmetry and definiteness are checked within rounding: asymmetry up to 1e-6 of the largest
+    entry, eigenvalues down to −√ε of the largest.
+    """
+    array = np.array(check_square_matrix(matrix, name, size), dtype=np.float64)
+    scale = float(np.abs(array).max()) if array.size else 0.0
+    if not np.allclose(array, array.T, rtol=0.0, atol=1e-6 * scale):
+        raise ValueError(f"{name} must be symmetric")
+    if scale > 0:
+        lowest = float(np.linalg.eigvalsh((array + array.T) / 2)[0])
+        if lowest < -np.sqrt(np.finfo(np.float64).eps) * scale:
+            raise ValueError(
+                f"{name} must be positive semi-definite, but has eigenvalue {lowest:.3g}"
+            )
+    return array

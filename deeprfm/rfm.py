@@ -26,8 +26,8 @@ from deeprfm._memory import check_fits, memory_budget, resolve_device, resolve_d
 from deeprfm._validation import (
     as_numpy,
     check_bool,
+    check_metric_matrix,
     check_number,
-    check_square_matrix,
     to_tensor,
 )
 from deeprfm.agop import _NORMALIZATIONS, kernel_agop
@@ -190,7 +190,7 @@ class _BaseRFM(BaseEstimator):
         M0 = None
         if M_init is not None:
             M0 = to_tensor(
-                check_square_matrix(M_init, "M_init", X.shape[1]), device, dtype, copy=True
+                check_metric_matrix(M_init, "M_init", X.shape[1]), device, dtype, copy=True
             )
         # the model keeps X (its centres) and possibly M_init: copies, never the caller's arrays
         self._fit_tensors(kernel, to_tensor(X, device, dtype, copy=True), Y, validation, M0)

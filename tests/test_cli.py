@@ -1,6 +1,7 @@
 """The deeprfm command: every sub-command on tiny data, through a real subprocess."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -107,6 +108,10 @@ def test_probe_loads_a_state_dict_measures_and_writes_a_datatree(source, tmp_pat
         (["probe", "--arch", "resnet1000", "--source", "timm"], "not a timm model"),
         (["probe", "--arch", "resnet18", "--agop-outputs", "some"], "agop-outputs"),
         (["probe", "--arch", "resnet18", "--layers", "nope"], "nope"),
+        (["rfm", "--n-train", "3"], "the training subset holds 3 of the 10 classes"),
+        (["rfm", "--out", "/proc/x.nc"], "--out /proc/x.nc cannot be written"),
+        (["rfm", "--out", "missing/x.nc"], "the folder missing does not exist"),
+        (["collapse", "--device", "bogus"], "--device 'bogus' is not a torch device"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path):
@@ -114,3 +119,50 @@ def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_existing_outputs_are_kept_unless_overwrite(tmp_path):
+    out = tmp_path / "history.nc"
+    out.write_bytes(b"precious")
+    result = run("rfm", "--iters", "0", "--n-train", "100", "--out", str(out))
+    assert result.returncode == 2 and "exists; pass --overwrite" in result.stderr
+    assert out.read_bytes() == b"precious"
+    result = run("rfm", "--iters", "0", "--n-train", "100", "--out", str(out), "--overwrite")
+    assert result.returncode == 0, result.stderr
+    with xr.open_dataset(out) as history:
+        assert history.sizes["iteration"] == 1
+
+
+@pytest.mark.skipif(
+    pytest.importorskip("torch").cuda.is_available(), reason="this machine has a GPU"
+)
+def test_cuda_without_a_gpu_is_one_line():
+    result = run("collapse", "--device", "cuda", "--layers", "1")
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == "deeprfm collapse: error: --device cuda: no CUDA device is available"
+    )
+
+
+def test_refused_weights_and_a_bad_plot_stage_are_one_line(tmp_path):
+    torch = pytest.importorskip("torch")
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    weights = tmp_path / "weights.pt"
+    torch.save({"fc.weight": Payload()}, weights)
+    result = run("probe", "--arch", "resnet18", "--weights", str(weights), "--n", "20")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "not a state-dict file that loads without running code" in result.stderr
+    assert not marker.exists()
+    data = tmp_path / "curves.nc"
+    xr.Dataset(
+        {"nc1": (("layer", "stage"), [[1.0], [0.5]])}, coords={"stage": ["input"]}
+    ).to_netcdf(data)
+    result = run("plot", str(data), "--out", str(tmp_path / "p.png"), "--stage", "bogus")
+    assert result.returncode == 2
+    assert "--stage 'bogus'" in result.stderr and "['input']" in result.stderr
