@@ -28,6 +28,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
 from analysis import collapse_metrics
+from deeprfm._classes import check_classes, check_targets, class_codes
 from deeprfm._diagnostics import check_outputs
 from deeprfm._memory import check_fits, memory_budget, resolve_device, resolve_dtype
 from deeprfm._validation import as_numpy, check_bool, check_number, to_tensor
@@ -43,14 +44,7 @@ from deeprfm.persist import (
     restore_params,
     save_state,
 )
-from deeprfm.rfm import (
-    RFMClassifier,
-    check_classes,
-    check_eval_set,
-    check_targets,
-    class_codes,
-    metric_bytes,
-)
+from deeprfm.rfm import RFMClassifier, check_eval_set, metric_bytes
 
 __all__ = ["DeepRFM", "DeepRFMLayer", "unit_rows"]
 

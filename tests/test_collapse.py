@@ -228,7 +228,8 @@ def test_simplex_etf_means_and_self_dual_classifier(k, d):
 def test_degenerate_features_give_nan_not_zero():
     """All class means equal (a dead layer): nc1 is NaN, not a spurious perfect 0."""
     y = np.repeat(np.arange(3), 4)
-    ds = collapse_metrics(np.zeros((12, 5)), y)
+    with pytest.warns(RuntimeWarning, match="Sigma_B = 0"):
+        ds = collapse_metrics(np.zeros((12, 5)), y)
     assert np.isnan(float(ds["nc1"])) and np.isnan(float(ds["nc1_trace"]))
     assert float(ds["tr_sb"]) == 0.0
 

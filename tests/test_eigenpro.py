@@ -256,7 +256,10 @@ def test_default_subsample_size_grows_with_n_within_budget():
     budget = 4 * 1024**3
     sizes = [solver._subsample_size(n, budget) for n in (500, 3000, 50_000, 300_000)]
     assert sizes == [500, 2000, 5000, 12000]
-    assert solver._subsample_size(300_000, 64 * 1024**2) == 1672  # 3 s×s float64 in 64 MiB
+    with pytest.warns(RuntimeWarning, match="affords a preconditioner subsample of 1672"):
+        assert solver._subsample_size(300_000, 64 * 1024**2) == 1672  # 3 s×s float64 in 64 MiB
+    with pytest.raises(ValueError, match="at least 256 points"):
+        solver._subsample_size(300_000, 1024**2)
 
 
 @pytest.mark.parametrize(

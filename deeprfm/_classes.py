@@ -1,0 +1,46 @@
+"""Class labels of a classifier and the regression codes (targets) it fits to them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["TARGET_CODES", "check_classes", "check_targets", "class_codes"]
+
+#: Regression codes of the classes a classifier can fit (``targets=``).
+TARGET_CODES = ("onehot", "pm1")
+
+
+def check_targets(targets: str) -> None:
+    """Raise ValueError unless ``targets`` names a class coding of :data:`TARGET_CODES`."""
+    if not isinstance(targets, str) or targets not in TARGET_CODES:
+        raise ValueError(f"targets must be one of {TARGET_CODES}, got {targets!r}")
+
+
+def check_classes(classes: list) -> np.ndarray:
+    """The class labels of a model file: a list of at least two distinct, sorted labels."""
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise ValueError(f"classes must be a list of at least 2 labels, got {classes!r}")
+    labels = np.array(classes)
+    if len(np.unique(labels)) != len(labels) or not np.array_equal(np.sort(labels), labels):
+        raise ValueError("classes must be distinct and sorted")
+    return labels
+
+
+def class_codes(labels: np.ndarray, n_classes: int, targets: str = "onehot") -> np.ndarray:
+    """Regression targets of class indices.
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (n,)
+        Class indices in ``0 … n_classes − 1``.
+    n_classes : int
+    targets : {"onehot", "pm1"}
+        ``"onehot"``: 1 in the class's column, 0 elsewhere; ``"pm1"``: +1 and −1 (the Deep RFM
+        paper's codes, ``2·onehot − 1``).
+
+    Returns
+    -------
+    ndarray of float64, shape (n, n_classes)
+    """
+    onehot = np.eye(n_classes)[labels]
+    return 2 * onehot - 1 if targets == "pm1" else onehot
