@@ -1,10 +1,10 @@
 """Neural-collapse metrics (NC1–NC4) of features, one-shot and streaming, as xarray datasets.
 
-Notation (DESIGN §3): features ``H`` (n × d, one row per sample, conv feature maps flattened),
-``K`` classes with counts ``n_c`` and means ``μ_c``, global mean ``μ_G`` (the mean of the class
-means, or the sample mean with ``global_mean="sample"``), centred means ``μ̃_c = μ_c − μ_G``
-stacked as the rows of ``M̃`` (K × d), their Gram matrix ``G = M̃ M̃ᵀ`` (K × K),
-``Σ_W = (1/n) Σ_i (h_i − μ_{y_i})(h_i − μ_{y_i})ᵀ`` and ``Σ_B = (1/K) M̃ᵀ M̃``.
+Notation (docs/design.md, *Collapse metrics*): features ``H`` (n × d, one row per sample, conv
+feature maps flattened), ``K`` classes with counts ``n_c`` and means ``μ_c``, global mean
+``μ_G`` (the mean of the class means, or the sample mean with ``global_mean="sample"``),
+centred means ``μ̃_c = μ_c − μ_G`` stacked as the rows of ``M̃`` (K × d), their Gram matrix
+``G = M̃ M̃ᵀ`` (K × K), ``Σ_W = (1/n) Σ_i (h_i − μ_{y_i})(h_i − μ_{y_i})ᵀ`` and ``Σ_B = (1/K) M̃ᵀ M̃``.
 
 No d × d matrix is ever needed: ``nc1 = (1/K) tr(Σ_W Σ_B^†) = tr(G^{†2} A)`` with the K × K
 matrix ``A = M̃ Σ_W M̃ᵀ``, which a second pass over the data accumulates once the class means are

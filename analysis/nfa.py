@@ -2,8 +2,9 @@
 
 For a layer with weight ``W`` (k × d) the Neural Feature Matrix is ``NFM = WᵀW`` and the Average
 Gradient Outer Product ``AGOP`` is the mean outer product of the network's input gradients at
-that layer (DESIGN §3). The ansatz states ``NFM ∝ AGOP^p`` (``p = 1`` or ``1/2``); it is measured
-by the Pearson correlation (or the cosine similarity) of the flattened matrices.
+that layer (docs/design.md, *The probe's AGOP*). The ansatz states ``NFM ∝ AGOP^p`` (``p = 1``
+or ``1/2``); it is measured by the Pearson correlation (or the cosine similarity) of the
+flattened matrices.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Probes on torch networks: per-layer NFM, AGOP and neural collapse (DESIGN §3).
+"""Probes on torch networks: per-layer NFM, AGOP and neural collapse (docs/design.md).
 
 For a selected ``nn.Linear`` or ``nn.Conv2d`` layer with weight matrix ``W`` (k × d; a Conv2d
 weight reshaped to (C_out, C_in·kh·kw), block-diagonal over groups) acting on the layer input
@@ -503,8 +503,8 @@ class NeuralProbe:
         Names of the selected layers.
     memory_gb : float or None
         Memory budget in GiB (class default None: a safe fraction of the device's free memory,
-        see :func:`deeprfm._memory.memory_budget`). Set it on an instance to change it. A layer
-        whose d × d matrices would not fit is measured in *diagonal form* (see Notes).
+        see docs/design.md, *The memory-budget contract*). Set it on an instance to change it.
+        A layer whose d × d matrices would not fit is measured in *diagonal form* (see Notes).
 
     Notes
     -----
@@ -520,7 +520,7 @@ class NeuralProbe:
     al. 2023: summed over patch positions, averaged over samples), for a Linear the d_in input
     (positions are any extra leading dims, e.g. tokens). An input that also feeds a skip
     connection contributes only its path through the layer. Computed as ``Wᵀ G W`` from the
-    gradients ``g`` at the layer output with ``G = (1/n) Σ g gᵀ`` (DESIGN §3). A grouped or
+    gradients ``g`` at the layer output with ``G = (1/n) Σ g gᵀ`` (docs/design.md). A grouped or
     depthwise Conv2d uses the block-diagonal (C_out, C_in·kh·kw) weight, so NFM and AGOP are
     over the full C_in·kh·kw patch.
 

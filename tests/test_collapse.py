@@ -25,7 +25,7 @@ BASE = [m for m in METRICS if m not in ("nc3", "nc4")]
 
 # ----------------------------------------------------------------------------- reference
 def reference(h, labels, weight=None, bias=None, global_mean="class"):
-    """Direct dense formulas of DESIGN §3 (d x d matrices, explicit pseudo-inverse)."""
+    """Direct dense formulas of docs/design.md (d x d matrices, explicit pseudo-inverse)."""
     h = np.asarray(h, dtype=np.float64).reshape(len(h), -1)
     classes, y = np.unique(labels, return_inverse=True)
     k, n = len(classes), len(h)
