@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 
 import analysis
+from analysis._common import user_stacklevel
 from deeprfm._memory import memory_budget, rows_per_block
 from deeprfm.kernels import Kernel, _sq_distances_from, check_sq_norms, m_sq_norms
 
@@ -194,7 +195,7 @@ def normalize_matrix(A: torch.Tensor, method: Normalization = "max") -> torch.Te
             "the matrix to normalise has no positive scale (a zero AGOP: the predictor is "
             "constant); it is left unnormalised",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
         return A
     return A / scale

@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from analysis import METRICS, CollapseAccumulator, nfa_correlations
+from analysis._common import user_stacklevel
 from deeprfm._memory import memory_budget, resolve_device, rows_per_block
 from deeprfm._probe_stages import (
     OUTPUT_STAGES,
@@ -720,7 +721,7 @@ class _Measurement:
                 f"{self.budget / 1024**3:.2f} GiB; only the diagonals of NFM and AGOP are kept "
                 "and their NFA correlations are NaN",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         sums: dict[str, _GradientSum] = {}
         record = None
@@ -839,7 +840,7 @@ class _Measurement:
             f"layers {missing} did not run in the model's forward pass (their forward() is "
             "bypassed, as in nn.MultiheadAttention) and are left out",
             RuntimeWarning,
-            stacklevel=7,  # keep_layers_that_ran < forward < pass < _timed < run < measure
+            stacklevel=user_stacklevel(),
         )
         self.layers = [layer for layer in self.layers if layer.name in called]
 
@@ -950,7 +951,7 @@ class _Measurement:
                     f"probe: the model's backward pass cannot be batched over outputs ({err}); "
                     "falling back to one backward pass per output, which is slower",
                     RuntimeWarning,
-                    stacklevel=7,  # gradients < backpropagate < pass < _timed < run < measure
+                    stacklevel=user_stacklevel(),
                 )
         rows = [
             torch.autograd.grad(f, inputs, v, retain_graph=True, allow_unused=True) for v in block
@@ -1060,7 +1061,7 @@ class _Measurement:
                 "projected stage: the d x d matrix (W^T W)^1/2 does); their collapse metrics "
                 "are NaN",
                 RuntimeWarning,
-                stacklevel=5,  # collapse_passes < _timed < run < measure
+                stacklevel=user_stacklevel(),
             )
         return {key: None if acc is None else acc.result() for key, acc in accumulators.items()}
 

@@ -296,3 +296,15 @@ def test_two_probes_measure_one_model_from_two_threads():
         np.testing.assert_allclose(tree.ds.nc1, expected.ds.nc1, rtol=1e-6)
         np.testing.assert_allclose(tree.ds.nfa_corr, expected.ds.nfa_corr, rtol=1e-6)
     assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_warnings_from_deep_inside_the_library_point_at_the_users_line():
+    model = torch.nn.Sequential(torch.nn.Linear(40, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    probe = NeuralProbe(model, collapse=False)
+    probe.memory_gb = 6 * 8 * 20**2 / 1024**3  # the 40-wide first layer in diagonal form
+    with pytest.warns(RuntimeWarning, match="only the diagonals") as got:
+        probe.measure([torch.randn(8, 40)])
+    assert got[0].filename == __file__
+    with pytest.warns(RuntimeWarning, match="Sigma_B = 0|the training points coincide") as got:
+        DeepRFM(layers=1, width=8).fit(np.ones((20, 4)), np.arange(20) % 2)
+    assert len(got) >= 2 and all(record.filename == __file__ for record in got)

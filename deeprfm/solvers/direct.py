@@ -7,6 +7,7 @@ import warnings
 
 import torch
 
+from analysis._common import user_stacklevel
 from deeprfm._memory import check_fits, memory_budget
 from deeprfm.kernels import Kernel
 from deeprfm.solvers.base import KernelFit, KernelSolver, check_solve_inputs
@@ -99,7 +100,7 @@ def _cholesky_solve(
             f"Cholesky of K + reg·I failed; added a jitter of {jitter:.3g} to the diagonal "
             "(increase reg or use float64 to avoid this)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         logger.warning("direct solve needed a jitter of %.3g", jitter)
     alpha = torch.cholesky_solve(Y.to(K.dtype), factor).to(Y.dtype)

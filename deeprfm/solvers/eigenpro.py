@@ -348,7 +348,7 @@ class EigenProSolver(KernelSolver):
                 f"subsample_size={self.subsample_size} is larger than the number of training "
                 f"points {n}; using {n}",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
             return n
         return self.subsample_size
@@ -384,7 +384,7 @@ class EigenProSolver(KernelSolver):
                     f"top_q={self.top_q} reaches eigenvalues at the rounding level of the "
                     f"subsample kernel; using top_q={q}",
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=user_stacklevel(),
                 )
         head, tail = values[:q], float(values[q])
         pre = _Preconditioner(
@@ -495,7 +495,7 @@ class _Run:
                 f"EigenPro training residual grew to {residual:.3g}; repeating the epoch with "
                 "half the step size",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
             logger.warning("EigenPro step size halved (residual %.3g)", residual)
 
@@ -540,7 +540,7 @@ def _batch_size(beta: float, tail: float, cap: int, batch_size: int | None, n: i
             f"batch_size={batch_size} exceeds the {cap} rows of one kernel block within the "
             f"memory budget; using {cap}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     return min(batch_size, cap, n)
 
