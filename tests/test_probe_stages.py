@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from analysis import collapse_metrics
-from deeprfm._probe_stages import following_activation, projection_matrix
 from deeprfm.probes import NeuralProbe
+from deeprfm.probes.stages import following_activation, projection_matrix
 
 F64 = torch.float64
 ALL_STAGES = ("input", "projected", "output")

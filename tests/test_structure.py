@@ -23,3 +23,11 @@ def test_analysis_imports_nothing_from_deeprfm():
     for path in sorted((ROOT / "analysis").rglob("*.py")):
         offending = {name for name in _imported_modules(path) if name.split(".")[0] == "deeprfm"}
         assert not offending, f"{path.name} imports {sorted(offending)}"
+
+
+def test_only_the_probes_package_reaches_into_its_modules():
+    for path in sorted((ROOT / "deeprfm").rglob("*.py")):
+        if "probes" in path.relative_to(ROOT / "deeprfm").parts:
+            continue
+        inside = {name for name in _imported_modules(path) if name.startswith("deeprfm.probes.")}
+        assert not inside, f"{path.name} imports {sorted(inside)}; use deeprfm.probes"
