@@ -3,11 +3,11 @@
 Notation (docs/design.md, *Collapse metrics*): features ``H`` (n × d, one row per sample, conv
 feature maps flattened), ``K`` classes with counts ``n_c`` and means ``μ_c``, global mean
 ``μ_G`` (the mean of the class means, or the sample mean with ``global_mean="sample"``),
-centred means ``μ̃_c = μ_c − μ_G`` stacked as the rows of ``M̃`` (K × d), their Gram matrix
-``G = M̃ M̃ᵀ`` (K × K), ``Σ_W = (1/n) Σ_i (h_i − μ_{y_i})(h_i − μ_{y_i})ᵀ`` and ``Σ_B = (1/K) M̃ᵀ M̃``.
+centred means ``μ̃_c = μ_c − μ_G`` stacked as the rows of ``C̃`` (K × d), their Gram matrix
+``G = C̃ C̃ᵀ`` (K × K), ``Σ_W = (1/n) Σ_i (h_i − μ_{y_i})(h_i − μ_{y_i})ᵀ`` and ``Σ_B = (1/K) C̃ᵀ C̃``.
 
 No d × d matrix is ever needed: ``nc1 = (1/K) tr(Σ_W Σ_B^†) = tr(G^{†2} A)`` with the K × K
-matrix ``A = M̃ Σ_W M̃ᵀ``, which a second pass over the data accumulates once the class means are
+matrix ``A = C̃ Σ_W C̃ᵀ``, which a second pass over the data accumulates once the class means are
 known. All statistics are accumulated in float64 on the features' device.
 """
 
@@ -56,8 +56,8 @@ _METRIC_INFO: dict[str, tuple[str, str, str]] = {
     "nc1": (
         "NC1 (within-class variability relative to between-class scatter)",
         "(1/K) tr(Sigma_W Sigma_B^+), Sigma_B^+ the pseudo-inverse of Sigma_B restricted to its "
-        "top min(K-1, d) eigen-directions; computed as tr(G^{+2} M Sigma_W M^T) with the K x K "
-        "Gram matrix G = M M^T of the centred class means M",
+        "top min(K-1, d) eigen-directions; computed as tr(G^{+2} C Sigma_W C^T) with the K x K "
+        "Gram matrix G = C C^T of the centred class means C",
         _PAPYAN,
     ),
     "nc1_trace": (
@@ -83,7 +83,7 @@ _METRIC_INFO: dict[str, tuple[str, str, str]] = {
     ),
     "nc2": (
         "NC2 (distance of the centred class means to a simplex ETF)",
-        "|| G/||G||_F - (I - 11^T/K)/sqrt(K-1) ||_F, G = M M^T the Gram matrix of the centred "
+        "|| G/||G||_F - (I - 11^T/K)/sqrt(K-1) ||_F, G = C C^T the Gram matrix of the centred "
         "class means",
         _ZHU,
     ),
@@ -110,7 +110,7 @@ _METRIC_INFO: dict[str, tuple[str, str, str]] = {
     ),
     "nc3": (
         "NC3 (self-duality of classifier and centred class means)",
-        "|| W/||W||_F - M/||M||_F ||_F^2, W the K x d classifier weight, M the centred class means",
+        "|| W/||W||_F - C/||C||_F ||_F^2, W the K x d classifier weight, C the centred class means",
         _PAPYAN,
     ),
     "nc4": (
@@ -270,7 +270,7 @@ class CollapseAccumulator:
     and the sum of their squared norms (all shifted by a per-class reference point for numerical
     stability), which determine ``nc1_trace``, ``tr_sw``, ``tr_sb``, ``cdnv``, the ``nc2``
     family and ``nc3``. ``ncc_acc`` and ``nc4`` compare every sample with the final class means,
-    and ``nc1`` needs ``A = M̃ Σ_W M̃ᵀ`` (K × K), so they need a second pass
+    and ``nc1`` needs ``A = C̃ Σ_W C̃ᵀ`` (K × K), so they need a second pass
     (:meth:`update_second_pass`) over the same samples, in any order and batching. The one
     exception: when the only such metric requested is ``nc1`` and the feature dimension is at
     most ``max_dense_dim``, the d × d within-class scatter is accumulated in the first pass and
@@ -492,7 +492,7 @@ class CollapseAccumulator:
         """Add a batch to the second pass (same samples as the first pass, any order).
 
         The first call freezes the class means of the first pass. Accumulates only K × K
-        statistics: ``M̃ Σ_W M̃ᵀ`` for ``nc1``, nearest-class-centre hits for ``ncc_acc`` and
+        statistics: ``C̃ Σ_W C̃ᵀ`` for ``nc1``, nearest-class-centre hits for ``ncc_acc`` and
         classifier disagreements for ``nc4``.
 
         Parameters
@@ -533,7 +533,7 @@ class CollapseAccumulator:
         if h.shape[0] == 0:
             return self
         s["counts"] += torch.bincount(y, minlength=self.num_classes)
-        # D = h − μ_y (float64, exact centring); P = D M̃ᵀ, and (h − μ_G) M̃ᵀ = P + G[y].
+        # D = h − μ_y (float64, exact centring); P = D C̃ᵀ, and (h − μ_G) C̃ᵀ = P + G[y].
         dev = self._centre(h, y, s["means"])
         proj = (s["project"] @ dev.T).T  # (b, K) or (b, 2K) with the classifier rows
         p = proj[:, : self.num_classes]
@@ -667,7 +667,7 @@ class CollapseAccumulator:
         return {name: float(value) for name, value in out.items()}
 
     def _within_projected(self, st: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``A = M̃ Σ_W M̃ᵀ`` (K × K) from the dense scatter or the second pass."""
+        """``A = C̃ Σ_W C̃ᵀ`` (K × K) from the dense scatter or the second pass."""
         if self._second is not None:
             a = self._second["a"]
         else:

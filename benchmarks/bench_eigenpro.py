@@ -125,7 +125,7 @@ def task_eigenpro(n: int, epochs: int) -> dict:
         "epochs": info["epochs"],
         "best_epoch": info["best_epoch"],
         "per_epoch": float(per_epoch.mean()),
-        "val_mse": history["val_mse"].values.tolist() if not epochs else [],
+        "eval_mse": history["eval_mse"].values.tolist() if not epochs else [],
         "residual": history["train_residual"].values.tolist(),
         **{key: info[key] for key in ("subsample_size", "top_q", "batch_size", "beta")},
     }
@@ -196,7 +196,7 @@ def task_rfm(n: int, epochs: int, memory_mib: int) -> dict:
         "epoch_seconds": clock.epochs,
         "solve": history["solve_seconds"].values.tolist(),
         "agop": float(history["agop_seconds"].values[0]),
-        "val_acc": history["val_acc"].values.tolist(),
+        "eval_acc": history["eval_acc"].values.tolist(),
         "test_acc": float(model.score(X_test.numpy(), labels.numpy())),
         "epochs": epochs,
     }
@@ -240,7 +240,7 @@ def part1(n: int) -> None:
         f"batch = {e['batch_size']}, beta = {e['beta']:.3g}; an epoch (validation included) "
         f"takes {e['per_epoch'] / kernel['seconds']:.2f} kernel evaluations"
     )
-    print("val MSE by epoch:  ", " ".join(f"{v:.5f}" for v in e["val_mse"]))
+    print("val MSE by epoch:  ", " ".join(f"{v:.5f}" for v in e["eval_mse"]))
     print("train residual:    ", " ".join(f"{v:.4f}" for v in e["residual"]))
 
 
@@ -268,7 +268,7 @@ def part2(n: int, epochs: int, memory_mib: int) -> None:
     print(
         f"peak resident memory {rfm['peak_gb']:.2f} GiB (data and interpreter "
         f"{rfm['base_gb']:.2f} GiB); val acc by iteration "
-        f"{', '.join(f'{a:.4f}' for a in rfm['val_acc'])}; test acc {rfm['test_acc']:.4f}"
+        f"{', '.join(f'{a:.4f}' for a in rfm['eval_acc'])}; test acc {rfm['test_acc']:.4f}"
     )
 
 

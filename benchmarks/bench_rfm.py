@@ -60,7 +60,7 @@ def xor_task(device: torch.device, small: bool) -> None:
     print(f"{'iteration':>9} {'test acc':>9} {'solve s':>8} {'AGOP s':>8}")
     for i in h.iteration.values:
         print(
-            f"{i:>9d} {h.val_acc.values[i]:>9.4f} {h.solve_seconds.values[i]:>8.3f} "
+            f"{i:>9d} {h.eval_acc.values[i]:>9.4f} {h.solve_seconds.values[i]:>8.3f} "
             f"{h.agop_seconds.values[i]:>8.3f}"
         )
 

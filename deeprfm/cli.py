@@ -190,14 +190,14 @@ def _run_rfm(args: argparse.Namespace) -> None:
             for i, tr, te, s in zip(
                 history.iteration.values,
                 history.train_acc.values,
-                history.val_acc.values,
+                history.eval_acc.values,
                 history.seconds.values,
                 strict=True,
             )
         ],
     )
     if args.out:
-        history.rename(val_acc="test_acc", val_mse="test_mse").to_netcdf(args.out)
+        history.rename(eval_acc="test_acc", eval_mse="test_mse").to_netcdf(args.out)
         print(f"history written to {args.out}")
 
 

@@ -135,7 +135,7 @@ def load_dataset(
     split: str = "train",
     n: int | None = None,
     flatten: bool = True,
-    normalize: bool = True,
+    unit_scale: bool = True,
     random_state: int | np.random.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Load an image-classification dataset from a local folder (never downloads).
@@ -164,7 +164,7 @@ def load_dataset(
         whole split.
     flatten : bool, default True
         Return ``X`` as (N, C·H·W) rows, in channel-first (C, H, W) order, instead of images.
-    normalize : bool, default True
+    unit_scale : bool, default True
         Scale pixel values to [0, 1]: divide by 255 (CIFAR-10, MNIST, SVHN) or by 16 (digits,
         whose pixels are 0…16). ``False`` keeps the raw pixel values (as float32).
     random_state : int, numpy.random.Generator or None, default None
@@ -211,7 +211,7 @@ def load_dataset(
             raise TypeError(f"n must be a positive int or None; got {n!r}")
         if n <= 0:
             raise ValueError(f"n must be a positive int or None; got {n}")
-    for flag, value in (("flatten", flatten), ("normalize", normalize)):
+    for flag, value in (("flatten", flatten), ("unit_scale", unit_scale)):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{flag} must be a bool; got {value!r}")
     if root is not None and not isinstance(root, (str, os.PathLike)):
@@ -235,7 +235,7 @@ def load_dataset(
         images, labels = images[keep], labels[keep]
 
     X = np.ascontiguousarray(images, dtype=np.float32)
-    if normalize:
+    if unit_scale:
         X /= np.float32(pixel_max)
     if flatten:
         X = X.reshape(len(X), -1)

@@ -53,13 +53,13 @@ _METRIC_ATTRS = {
         "training accuracy",
         "fraction of training points whose argmax output is the label",
     ),
-    "val_acc": (
-        "validation accuracy",
+    "eval_acc": (
+        "eval_set accuracy",
         "fraction of eval_set points whose argmax output is the label",
     ),
     "train_mse": ("training mean squared error", "mean over points and outputs of (f(x) - y)^2"),
-    "val_mse": (
-        "validation mean squared error",
+    "eval_mse": (
+        "eval_set mean squared error",
         "mean over eval_set points and outputs of (f(x) - y)^2",
     ),
     "solve_seconds": ("seconds in the kernel solve", "wall-clock seconds to fit alpha"),
@@ -136,7 +136,7 @@ class _BaseRFM(BaseEstimator):
 
     def _preference(self, scores: dict[str, float]) -> tuple:
         """Sort key of a candidate on validation scores: larger is better."""
-        return (-scores["val_mse"],)
+        return (-scores["eval_mse"],)
 
     # -- fitting -------------------------------------------------------------------------
 
@@ -249,7 +249,7 @@ class _BaseRFM(BaseEstimator):
             scores = self._scores(fit.fitted, Y, "train")
             if validation is not None:
                 outputs = kernel.apply(validation[0], X, fit.alpha, M, memory_gb=self.memory_gb)
-                scores |= self._scores(outputs, validation[1], "val")
+                scores |= self._scores(outputs, validation[1], "eval")
             candidates.append(_Candidate(iteration, M, fit.alpha, scores))
             agop_start = time.perf_counter()
             if iteration < self.iters:
@@ -579,7 +579,7 @@ class RFMClassifier(ClassifierMixin, _BaseRFM):
         return {f"{prefix}_acc": float(accuracy)} | super()._scores(outputs, targets, prefix)
 
     def _preference(self, scores: dict[str, float]) -> tuple:
-        return (scores["val_acc"], -scores["val_mse"])
+        return (scores["eval_acc"], -scores["eval_mse"])
 
     def decision_function(self, X) -> np.ndarray:
         """Predictor outputs: shape (n_samples, n_classes), or (n_samples,) for two classes

@@ -159,7 +159,7 @@ def main() -> None:
     model.fit(*train, eval_set=validation)
     record("RFM with EigenPro", n, model.score(*test), start)
     history = model.history_
-    table = history[["train_acc", "val_acc", "seconds"]].to_dataframe()
+    table = history[["train_acc", "eval_acc", "seconds"]].to_dataframe()
     print(table.to_string(float_format="{:.4f}".format))
     relevant = np.diag(model.M_)[:RELEVANT].sum() / np.trace(model.M_)
     print(

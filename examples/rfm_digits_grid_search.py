@@ -84,7 +84,7 @@ def main() -> None:
         iters=iters, early_stopping=False, random_state=args.seed, **search.best_params_
     )
     model.fit(X_train, y_train, eval_set=(X_test, y_test))
-    history = model.history_.rename(val_acc="test_acc", val_mse="test_mse")
+    history = model.history_.rename(eval_acc="test_acc", eval_mse="test_mse")
     print("best setting refitted on the training split, per RFM iteration:")
     table = history[["train_acc", "test_acc", "test_mse", "seconds"]].to_dataframe()
     print(table.to_string(float_format="{:.4f}".format))

@@ -196,7 +196,7 @@ def test_digits_split_shapes_types_and_values():
     images, _ = load_dataset("digits", split="test", flatten=False)
     assert images.shape == (450, 1, 8, 8)
     np.testing.assert_array_equal(images.reshape(450, 64), X_test)
-    raw, _ = load_dataset("digits", split="test", normalize=False)
+    raw, _ = load_dataset("digits", split="test", unit_scale=False)
     np.testing.assert_array_equal(raw, X_test * 16)
     assert raw.max() == 16.0
 
@@ -293,7 +293,7 @@ def test_cifar10_reads_back_exactly(tmp_path, rng, style):
     train_data = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)])
     train_labels = np.concatenate([written[f"data_batch_{i}"][1] for i in range(1, 6)])
 
-    X, y = load_dataset("cifar10", root=tmp_path, normalize=False)
+    X, y = load_dataset("cifar10", root=tmp_path, unit_scale=False)
     assert X.shape == (100, 3072) and X.dtype == np.float32 and y.dtype == np.int64
     np.testing.assert_array_equal(X, train_data)
     np.testing.assert_array_equal(y, train_labels)
@@ -327,7 +327,7 @@ def test_cifar10_agrees_with_torchvision(tmp_path, rng, monkeypatch):
     monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)  # no md5s
     for split in ("train", "test"):
         reference = cifar.CIFAR10(str(tmp_path), train=split == "train")
-        X, y = load_dataset("cifar10", root=tmp_path, split=split, flatten=False, normalize=False)
+        X, y = load_dataset("cifar10", root=tmp_path, split=split, flatten=False, unit_scale=False)
         np.testing.assert_array_equal(X, reference.data.transpose(0, 3, 1, 2))
         np.testing.assert_array_equal(y, reference.targets)
 
@@ -453,7 +453,7 @@ def test_mnist_reads_back_exactly(tmp_path, rng, gz):
     written = _write_mnist(tmp_path, rng, gz=gz)
     for split in ("train", "test"):
         images, labels = written[split]
-        X, y = load_dataset("mnist", root=tmp_path, split=split, normalize=False)
+        X, y = load_dataset("mnist", root=tmp_path, split=split, unit_scale=False)
         assert X.shape == (N_IMAGES, 784) and X.dtype == np.float32 and y.dtype == np.int64
         np.testing.assert_array_equal(X, images.reshape(N_IMAGES, 784))
         np.testing.assert_array_equal(y, labels)
@@ -467,7 +467,7 @@ def test_mnist_prefers_the_plain_file_over_the_gzipped_one(tmp_path, rng):
     plain = _write_mnist(tmp_path / "other", rng, gz=False)
     for file in (tmp_path / "other" / "MNIST" / "raw").iterdir():
         file.rename(tmp_path / "MNIST" / "raw" / file.name)
-    X, y = load_dataset("mnist", root=tmp_path, normalize=False)
+    X, y = load_dataset("mnist", root=tmp_path, unit_scale=False)
     np.testing.assert_array_equal(X, plain["train"][0].reshape(N_IMAGES, 784))
     np.testing.assert_array_equal(y, plain["train"][1])
 
@@ -477,7 +477,7 @@ def test_mnist_agrees_with_torchvision(tmp_path, rng):
     _write_mnist(tmp_path, rng, gz=False)
     for split in ("train", "test"):
         reference = datasets.MNIST(str(tmp_path), train=split == "train")
-        X, y = load_dataset("mnist", root=tmp_path, split=split, flatten=False, normalize=False)
+        X, y = load_dataset("mnist", root=tmp_path, split=split, flatten=False, unit_scale=False)
         np.testing.assert_array_equal(X[:, 0], reference.data.numpy())
         np.testing.assert_array_equal(y, reference.targets.numpy())
 
@@ -528,7 +528,7 @@ def test_broken_gzip_is_rejected(tmp_path, rng, content):
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_svhn_reads_back_exactly(tmp_path, rng, split):
     mat_X, mat_y = _write_svhn(tmp_path, rng, split)
-    X, y = load_dataset("svhn", root=tmp_path, split=split, flatten=False, normalize=False)
+    X, y = load_dataset("svhn", root=tmp_path, split=split, flatten=False, unit_scale=False)
     assert X.shape == (N_IMAGES, 3, 32, 32) and X.dtype == np.float32 and y.dtype == np.int64
     np.testing.assert_array_equal(X, mat_X.transpose(3, 2, 0, 1))
     assert X[7, 2, 3, 30] == mat_X[3, 30, 2, 7]
@@ -545,7 +545,7 @@ def test_svhn_agrees_with_torchvision(tmp_path, rng, monkeypatch):
     _write_svhn(tmp_path, rng, "test")
     monkeypatch.setattr(svhn, "check_integrity", lambda *args, **kwargs: True)  # no md5s
     reference = svhn.SVHN(str(tmp_path), split="test")
-    X, y = load_dataset("svhn", root=tmp_path, split="test", flatten=False, normalize=False)
+    X, y = load_dataset("svhn", root=tmp_path, split="test", flatten=False, unit_scale=False)
     np.testing.assert_array_equal(X, reference.data)
     np.testing.assert_array_equal(y, reference.labels)
 
@@ -642,7 +642,7 @@ def test_unknown_name_lists_the_known_ones():
         ({"n": True}, TypeError, "n must be a positive int"),
         ({"n": 1348}, ValueError, "n=1348 exceeds the 1347 samples available in the digits"),
         ({"flatten": "yes"}, TypeError, "flatten must be a bool"),
-        ({"normalize": 255}, TypeError, "normalize must be a bool"),
+        ({"unit_scale": 255}, TypeError, "unit_scale must be a bool"),
         ({"random_state": "seed"}, TypeError, "random_state must be an int"),
         ({"random_state": 1.0}, TypeError, "random_state must be an int"),
         ({"random_state": -1}, ValueError, "random_state must be a non-negative int"),

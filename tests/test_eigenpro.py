@@ -109,15 +109,15 @@ def test_validation_keeps_the_best_epoch_and_stops_with_patience(problem):
     fit = solver.solve(kernel, X, Y, eval_set=(X_val, Y_val))
     history = fit.info["history"]
     assert isinstance(history, xr.Dataset)
-    assert set(history.data_vars) == {"train_residual", "val_mse", "seconds"}
+    assert set(history.data_vars) == {"train_residual", "eval_mse", "seconds"}
     for name in history.data_vars:
         assert history[name].attrs["long_name"] and history[name].attrs["definition"]
     assert fit.info["stop_reason"] == "patience"
     assert fit.info["epochs"] == history.sizes["epoch"] < 40
-    best = int(np.argmin(history["val_mse"].values)) + 1
+    best = int(np.argmin(history["eval_mse"].values)) + 1
     assert fit.info["best_epoch"] == best
-    val_mse = float(((kernel.apply(X_val, X, fit.alpha) - Y_val) ** 2).mean())
-    assert val_mse == pytest.approx(float(history["val_mse"].min()), rel=1e-5)
+    eval_mse = float(((kernel.apply(X_val, X, fit.alpha) - Y_val) ** 2).mean())
+    assert eval_mse == pytest.approx(float(history["eval_mse"].min()), rel=1e-5)
 
 
 def test_tolerance_on_the_training_residual(problem):
@@ -347,7 +347,7 @@ def test_progress_bar_and_logging(problem, capsys, caplog):
             LaplaceKernel(6.0), X, Y, eval_set=(X_val, Y_val)
         )
     assert "EigenPro" in capsys.readouterr().err
-    assert "EigenPro setup" in caplog.text and "val_mse" in caplog.text
+    assert "EigenPro setup" in caplog.text and "eval_mse" in caplog.text
 
 
 def test_make_solver_auto_picks_by_memory_budget():

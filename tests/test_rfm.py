@@ -36,7 +36,7 @@ def test_rfm_learns_features_kernel_regression_cannot(xor_task):
     X_train, X_test, y_train, y_test = xor_task
     model = RFMClassifier(bandwidth=10.0, reg=1e-3, iters=5, random_state=0)
     model.fit(X_train, y_train, eval_set=(X_test, y_test))
-    accuracy = model.history_["val_acc"].values
+    accuracy = model.history_["eval_acc"].values
     assert 0.55 < accuracy[0] < 0.70  # plain Laplace kernel regression
     assert accuracy[5] >= 0.80
     # the learned metric concentrates on the two relevant coordinates
@@ -51,7 +51,7 @@ def test_digits_accuracy(digits):
     assert last.best_iter_ == 5
     best = RFMClassifier(iters=5, random_state=0).fit(X_train, y_train, eval_set=(X_test, y_test))
     assert best.score(X_test, y_test) >= 0.97
-    assert best.history_["val_acc"].values[best.best_iter_] == best.history_["val_acc"].max()
+    assert best.history_["eval_acc"].values[best.best_iter_] == best.history_["eval_acc"].max()
 
 
 def test_history_dataset(digits):
@@ -59,7 +59,7 @@ def test_history_dataset(digits):
     model = RFMClassifier(iters=2).fit(X_train, y_train, eval_set=(X_test, y_test))
     history = model.history_
     assert history.sizes == {"iteration": 3}
-    for name in ("train_acc", "val_acc", "train_mse", "val_mse", "seconds"):
+    for name in ("train_acc", "eval_acc", "train_mse", "eval_mse", "seconds"):
         assert history[name].attrs["long_name"]
         assert history[name].attrs["definition"]
     assert history.attrs["estimator"] == "RFMClassifier"

@@ -86,8 +86,8 @@ _HISTORY_ATTRS = {
         "||(K + reg I) alpha - Y||_F / ||Y||_F, each point's residual taken when its batch was "
         "visited during the epoch",
     ),
-    "val_mse": (
-        "validation mean squared error",
+    "eval_mse": (
+        "eval_set mean squared error",
         "mean over eval_set points and outputs of (f(x) - y)^2 after the epoch",
     ),
     "seconds": ("seconds per epoch", "wall-clock seconds of the epoch, validation included"),
@@ -247,7 +247,7 @@ class EigenProSolver(KernelSolver):
         -------
         KernelFit
             ``alpha`` (n, c), ``fitted`` (n, c) and ``info``: ``history`` (xarray.Dataset over
-            ``epoch``: ``train_residual``, ``val_mse`` with ``eval_set``, ``seconds``),
+            ``epoch``: ``train_residual``, ``eval_mse`` with ``eval_set``, ``seconds``),
             ``epochs`` run, ``best_epoch``, ``stop_reason`` ("epochs", "tol", "patience"),
             ``train_residual`` (final, exact when ``exact_fitted``), ``subsample_size``,
             ``top_q``, ``batch_size``, ``critical_batch_size``, ``step_size`` (η),
@@ -433,7 +433,7 @@ class _Run:
         """Run up to ``epochs`` epochs; returns (history, best epoch, stop reason)."""
         records: dict[str, list[float]] = {"train_residual": [], "seconds": []}
         if validation is not None:
-            records["val_mse"] = []
+            records["eval_mse"] = []
         best_residual, best_val, reference, best_epoch, stale = 1.0, math.inf, math.inf, 0, 0
         stop_reason = "epochs"
         bar = tqdm(range(1, epochs + 1), desc="EigenPro", disable=not verbose)
@@ -449,14 +449,14 @@ class _Run:
                 predicted = self.kernel.apply(
                     validation[0], self.X, self.alpha, memory_gb=self.memory_gb
                 )
-                val_mse = float(((predicted - validation[1]) ** 2).mean())
-                records["val_mse"].append(val_mse)
-                postfix["val_mse"] = f"{val_mse:.4g}"
-                if val_mse < best_val:
-                    best_val, best_epoch = val_mse, epoch
+                eval_mse = float(((predicted - validation[1]) ** 2).mean())
+                records["eval_mse"].append(eval_mse)
+                postfix["eval_mse"] = f"{eval_mse:.4g}"
+                if eval_mse < best_val:
+                    best_val, best_epoch = eval_mse, epoch
                     self.best_alpha, self.best_fitted = self.alpha.clone(), self.fitted.clone()
-                if val_mse < (1 - _MIN_IMPROVEMENT) * reference:
-                    reference, stale = val_mse, 0
+                if eval_mse < (1 - _MIN_IMPROVEMENT) * reference:
+                    reference, stale = eval_mse, 0
                 else:
                     stale += 1
             records["seconds"].append(time.perf_counter() - start)
