@@ -63,7 +63,9 @@ def _eigen_power(evals: torch.Tensor, evecs: torch.Tensor, power: float) -> torc
 
 
 def psd_power(matrix: Array, power: float) -> Array:
-    """Power of a symmetric positive semi-definite matrix via ``eigh``.
+    """Power of a symmetric positive semi-definite matrix, computed in float64 via ``eigh``.
+
+    The one PSD power of the library (``deeprfm.psd_power`` is this function).
 
     Parameters
     ----------
@@ -75,13 +77,22 @@ def psd_power(matrix: Array, power: float) -> Array:
     Returns
     -------
     array or tensor, shape (d, d)
-        ``V diag(max(λ, 0)^power) Vᵀ`` in float64, of the input's kind (numpy or torch, same
-        device). Negative eigenvalues (round-off of a PSD matrix) are clamped to 0.
+        ``V diag(max(λ, 0)^power) Vᵀ``, a new matrix of the input's kind (numpy or torch),
+        device and floating dtype (float64 for integer input). Negative eigenvalues (round-off
+        of a PSD matrix) are clamped to 0, also for ``power == 1``; a diagonal matrix takes its
+        elementwise power, without an ``eigh``.
     """
     p = _check_power(power)
     t = _square(matrix, "matrix")
-    out = _eigen_power(*torch.linalg.eigh(0.5 * (t + t.T)), p)
-    return out if isinstance(matrix, torch.Tensor) else out.numpy()
+    symmetric = 0.5 * (t + t.T)
+    if not bool(torch.any(symmetric - torch.diag(torch.diagonal(symmetric)))):
+        out = torch.diag(torch.diagonal(symmetric).clamp_min(0.0) ** p)
+    else:
+        out = _eigen_power(*torch.linalg.eigh(symmetric), p)
+    if isinstance(matrix, torch.Tensor):
+        return out.to(matrix.dtype if matrix.is_floating_point() else torch.float64)
+    kind = np.asarray(matrix).dtype
+    return out.numpy().astype(kind if kind.kind == "f" else np.float64)
 
 
 def _correlate(x: torch.Tensor, y: torch.Tensor, method: str) -> float:

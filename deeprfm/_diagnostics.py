@@ -56,7 +56,8 @@ def next_metric(
         The AGOP (or its power) is zero: the fitted predictor is constant; the message names
         the parameter that is likely the cause.
     """
-    powered = psd_power(agop, power)
+    # AGOP^1 is the AGOP: no eigendecomposition to clamp its round-off (d³ per iteration)
+    powered = agop if power == 1 else psd_power(agop, power)
     if not bool(torch.isfinite(powered).all()):
         raise ValueError(
             f"agop_power={power:g}: AGOP^{power:g} is not finite (the AGOP's largest eigenvalue "

@@ -83,3 +83,13 @@ def check_metric_matrix(matrix, name: str, size: int) -> np.ndarray:
                 f"{name} must be positive semi-definite, but has eigenvalue {lowest:.3g}"
             )
     return array
+
+
+def seeded_generator(random_state: int | None) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded by ``random_state`` (None: a fresh random seed)."""
+    generator = torch.Generator(device="cpu")
+    if random_state is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(random_state))
+    return generator

@@ -18,9 +18,10 @@ from typing import Literal
 
 import torch
 
-import analysis
+from analysis import psd_power
 from analysis._common import user_stacklevel
 from deeprfm._memory import memory_budget, rows_per_block
+from deeprfm._validation import seeded_generator
 from deeprfm.kernels import Kernel, _sq_distances_from, check_sq_norms, m_sq_norms
 
 __all__ = ["agop", "kernel_agop", "normalize_matrix", "psd_power"]
@@ -137,33 +138,6 @@ def kernel_agop(
     return (result + result.T) / 2
 
 
-def psd_power(A: torch.Tensor, power: float) -> torch.Tensor:
-    """Power of a symmetric PSD matrix, negative eigenvalues clamped to 0, in A's dtype.
-
-    The identity for ``power == 1`` and an elementwise power for a diagonal matrix; otherwise
-    :func:`analysis.psd_power` (``eigh`` in float64).
-
-    Parameters
-    ----------
-    A : torch.Tensor, shape (d, d)
-        Symmetric positive semi-definite matrix (rounding may make it slightly indefinite).
-    power : float
-        Exponent p > 0.
-
-    Returns
-    -------
-    torch.Tensor, shape (d, d)
-        A^p, symmetric PSD, same dtype and device as ``A``.
-    """
-    if not power > 0:
-        raise ValueError(f"power must be positive, got {power!r}")
-    if power == 1:
-        return A
-    if not torch.any(A - torch.diag(torch.diagonal(A))):
-        return torch.diag(torch.diagonal(A).clamp_min(0) ** power)
-    return analysis.psd_power(A, power).to(A.dtype)
-
-
 def normalize_matrix(A: torch.Tensor, method: Normalization = "max") -> torch.Tensor:
     """Scale a PSD matrix: by its largest entry, its trace, its spectral norm, or not at all.
 
@@ -278,10 +252,6 @@ def _output_projections(
     """(k, c) cotangent directions: the identity (exact) or Gaussian vectors scaled by 1/√k."""
     if outputs == "exact":
         return torch.eye(c, dtype=like.dtype, device=like.device)
-    generator = torch.Generator(device="cpu")
-    if random_state is not None:
-        generator.manual_seed(random_state)
-    else:
-        generator.seed()
+    generator = seeded_generator(random_state)
     draws = torch.randn(outputs, c, generator=generator, dtype=like.dtype)
     return (draws / outputs**0.5).to(like.device)

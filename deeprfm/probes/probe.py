@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from analysis._common import user_stacklevel
 from deeprfm._memory import memory_budget, resolve_device
-from deeprfm._validation import check_bool, check_number
+from deeprfm._validation import check_bool, check_number, seeded_generator
 from deeprfm.probes.batches import PassRecord, Source, convert_batch
 from deeprfm.probes.collapse import collapse_passes
 from deeprfm.probes.gradients import GradientPass, GradientSum, check_projections
@@ -324,11 +324,7 @@ class _Measurement:
         self.forms = {layer.name: matrix_form(layer, self.budget) for layer in self.layers}
         self.first_forward = True
         self.timings: dict[str, float] = {}
-        self.generator = torch.Generator()
-        if settings.random_state is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(int(settings.random_state))
+        self.generator = seeded_generator(settings.random_state)
 
     # ------------------------------------------------------------------ driver
     def run(self) -> xr.DataTree:

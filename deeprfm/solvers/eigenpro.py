@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from analysis._common import user_stacklevel
 from deeprfm._memory import memory_budget, rows_per_block
-from deeprfm._validation import check_bool, check_number
+from deeprfm._validation import check_bool, check_number, seeded_generator
 from deeprfm.kernels import Kernel
 from deeprfm.solvers.base import KernelFit, KernelSolver, check_eval_set, check_solve_inputs
 
@@ -261,11 +261,7 @@ class EigenProSolver(KernelSolver):
             X_val, Y_val = check_eval_set(eval_set, X, Y)
             validation = (_transform(X_val, factor), Y_val)
         X = _transform(X, factor)
-        generator = torch.Generator(device="cpu")
-        if self.random_state is None:
-            generator.seed()
-        else:
-            generator.manual_seed(self.random_state)
+        generator = seeded_generator(self.random_state)
 
         start = time.perf_counter()
         n, budget = X.shape[0], memory_budget(self.memory_gb, X.device)
