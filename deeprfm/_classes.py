@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+from sklearn.utils.multiclass import check_classification_targets
 
-__all__ = ["TARGET_CODES", "check_classes", "check_targets", "class_codes"]
+__all__ = [
+    "TARGET_CODES",
+    "check_classes",
+    "check_targets",
+    "class_codes",
+    "encode_labels",
+    "known_labels",
+]
 
 #: Regression codes of the classes a classifier can fit (``targets=``).
 TARGET_CODES = ("onehot", "pm1")
@@ -44,3 +52,39 @@ def class_codes(labels: np.ndarray, n_classes: int, targets: str = "onehot") -> 
     """
     onehot = np.eye(n_classes)[labels]
     return 2 * onehot - 1 if targets == "pm1" else onehot
+
+
+def encode_labels(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The classes of training labels and each label's index among them.
+
+    Parameters
+    ----------
+    y : ndarray, shape (n,)
+        Labels of any type (ints, strings).
+
+    Returns
+    -------
+    classes : ndarray, shape (K,)
+        The sorted distinct labels, K ≥ 2.
+    indices : ndarray of int, shape (n,)
+
+    Raises
+    ------
+    ValueError
+        ``y`` is not a classification target, or holds a single class.
+    """
+    check_classification_targets(y)
+    classes, indices = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(
+            f"y must contain samples of at least 2 classes, got 1 class: {classes[0]!r}"
+        )
+    return classes, indices
+
+
+def known_labels(y: np.ndarray, classes: np.ndarray, name: str = "eval_set y") -> np.ndarray:
+    """Indices of labels ``y`` among ``classes``; ValueError naming ``name`` for unseen ones."""
+    unseen = np.setdiff1d(y, classes)
+    if len(unseen):
+        raise ValueError(f"{name} has labels not seen in y: {unseen[:5].tolist()}")
+    return np.searchsorted(classes, y)

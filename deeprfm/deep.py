@@ -23,12 +23,17 @@ import torch
 import xarray as xr
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils import check_random_state
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
 from analysis import collapse_metrics
-from deeprfm._classes import check_classes, check_targets, class_codes
+from deeprfm._classes import (
+    check_classes,
+    check_targets,
+    class_codes,
+    encode_labels,
+    known_labels,
+)
 from deeprfm._diagnostics import check_outputs
 from deeprfm._memory import check_fits, memory_budget, resolve_device, resolve_dtype
 from deeprfm._validation import as_numpy, check_bool, check_number, to_tensor
@@ -329,21 +334,13 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
         """
         self._check_params()
         X, y = validate_data(self, as_numpy(X), as_numpy(y), dtype=[np.float64, np.float32])
-        check_classification_targets(y)
-        self.classes_, labels = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError(
-                f"y must contain samples of at least 2 classes, got 1 class: {self.classes_[0]!r}"
-            )
+        self.classes_, labels = encode_labels(y)
         H = self._inputs(X)
         Y = to_tensor(class_codes(labels, len(self.classes_), self.targets), H.device, H.dtype)
         evaluation = None
         if eval_set is not None:
             X_val, y_val = check_eval_set(eval_set, self.n_features_in_)
-            unseen = np.setdiff1d(y_val, self.classes_)
-            if len(unseen):
-                raise ValueError(f"eval_set y has labels not seen in y: {unseen[:5].tolist()}")
-            evaluation = (self._inputs(X_val), np.searchsorted(self.classes_, y_val))
+            evaluation = (self._inputs(X_val), known_labels(y_val, self.classes_))
         self._check_memory(H)
         rng = check_random_state(self.random_state)
         generator = torch.Generator().manual_seed(int(rng.randint(2**31 - 1)))

@@ -17,11 +17,16 @@ import torch
 import xarray as xr
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils import check_random_state
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
-from deeprfm._classes import check_classes, check_targets, class_codes
+from deeprfm._classes import (
+    check_classes,
+    check_targets,
+    class_codes,
+    encode_labels,
+    known_labels,
+)
 from deeprfm._diagnostics import check_coefficients, check_outputs, next_metric
 from deeprfm._memory import check_fits, memory_budget, resolve_device, resolve_dtype
 from deeprfm._validation import (
@@ -543,19 +548,11 @@ class RFMClassifier(ClassifierMixin, _BaseRFM):
 
     def _encode_targets(self, y: np.ndarray) -> np.ndarray:
         check_targets(self.targets)
-        check_classification_targets(y)
-        self.classes_, encoded = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError(
-                f"y must contain samples of at least 2 classes, got 1 class: {self.classes_[0]!r}"
-            )
+        self.classes_, encoded = encode_labels(y)
         return class_codes(encoded, len(self.classes_), self.targets)
 
     def _encode_eval_targets(self, y: np.ndarray) -> np.ndarray:
-        unseen = np.setdiff1d(y, self.classes_)
-        if len(unseen):
-            raise ValueError(f"eval_set y has labels not seen in y: {unseen[:5].tolist()}")
-        return class_codes(np.searchsorted(self.classes_, y), len(self.classes_), self.targets)
+        return class_codes(known_labels(y, self.classes_), len(self.classes_), self.targets)
 
     def _target_config(self) -> dict:
         return {"classes": self.classes_.tolist()}
