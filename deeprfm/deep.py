@@ -36,6 +36,7 @@ from deeprfm._classes import (
 )
 from deeprfm._diagnostics import check_outputs
 from deeprfm._memory import check_fits, memory_budget, resolve_device, resolve_dtype
+from deeprfm._records import labelled_record
 from deeprfm._validation import as_numpy, check_bool, check_number, to_tensor
 from deeprfm.agop import psd_power
 from deeprfm.features import FEATURE_MAPS, RandomFeatureMap
@@ -427,16 +428,13 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
             if prefix == "eval":
                 metrics = metrics.rename({name: f"eval_{name}" for name in metrics.data_vars})
             parts.append(metrics)
+        columns = {
+            name: [rec[name] for rec in records] for name in _LAYER_ATTRS if name in records[0]
+        }
+        per_layer = labelled_record(columns, "layer", range(len(records)), _LAYER_ATTRS)
         collapse = xr.merge(parts, combine_attrs="drop_conflicts")
-        for name, (long_name, definition) in _LAYER_ATTRS.items():
-            if name in records[0]:
-                values = np.array([rec[name] for rec in records])
-                collapse[name] = (
-                    "layer",
-                    values,
-                    {"long_name": long_name, "definition": definition},
-                )
         collapse = collapse.assign_coords(layer=np.arange(len(records)), stage=list(STAGES))
+        collapse = collapse.merge(per_layer)
         collapse.attrs = {"model": "DeepRFM", "params": params_json(self)}
         return collapse
 

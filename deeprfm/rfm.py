@@ -29,6 +29,7 @@ from deeprfm._classes import (
 )
 from deeprfm._diagnostics import check_coefficients, check_outputs, next_metric
 from deeprfm._memory import check_fits, memory_budget, resolve_device, resolve_dtype
+from deeprfm._records import labelled_record
 from deeprfm._validation import (
     as_numpy,
     check_bool,
@@ -302,11 +303,8 @@ class _BaseRFM(BaseEstimator):
         self._alpha_fit = best.alpha
 
     def _history(self, rows: list[dict]) -> xr.Dataset:
-        data = {name: ("iteration", np.array([row[name] for row in rows])) for name in rows[0]}
-        history = xr.Dataset(data, coords={"iteration": np.arange(len(rows))})
-        for name in history.data_vars:
-            long_name, definition = _METRIC_ATTRS[name]
-            history[name].attrs = {"long_name": long_name, "definition": definition}
+        columns = {name: [row[name] for row in rows] for name in rows[0]}
+        history = labelled_record(columns, "iteration", range(len(rows)), _METRIC_ATTRS)
         history.attrs = {
             "estimator": type(self).__name__,
             "best_iteration": int(self.best_iter_),

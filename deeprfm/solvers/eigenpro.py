@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from analysis._common import user_stacklevel
 from deeprfm._memory import memory_budget, rows_per_block
+from deeprfm._records import labelled_record
 from deeprfm._validation import check_bool, check_number, seeded_generator
 from deeprfm.kernels import Kernel
 from deeprfm.solvers.base import KernelFit, KernelSolver, check_eval_set, check_solve_inputs
@@ -551,14 +552,7 @@ def _step_size(beta: float, tail: float, m: int) -> float:
 
 def _history(records: dict[str, list[float]]) -> xr.Dataset:
     epochs = np.arange(1, len(records["seconds"]) + 1)
-    history = xr.Dataset(
-        {name: ("epoch", np.asarray(values)) for name, values in records.items()},
-        coords={"epoch": epochs},
-    )
-    for name in history.data_vars:
-        long_name, definition = _HISTORY_ATTRS[name]
-        history[name].attrs = {"long_name": long_name, "definition": definition}
-    return history
+    return labelled_record(records, "epoch", epochs, _HISTORY_ATTRS)
 
 
 def _damped_diagonal_max(
