@@ -15,7 +15,8 @@ import deeprfm.solvers.eigenpro as eigenpro_module
 from deeprfm import RFMClassifier
 from deeprfm.kernels import GaussianKernel, LaplaceKernel
 from deeprfm.solvers import DirectSolver, EigenProSolver, make_solver
-from deeprfm.solvers.eigenpro import _batch_size, _damped_diagonal_max, _step_size
+from deeprfm.solvers.eigenpro import _batch_size, _step_size
+from deeprfm.solvers.preconditioner import damped_diagonal_max
 
 
 def _teacher_problem(n: int, d: int = 10, classes: int = 4, seed: int = 0, scale: float = 1.0):
@@ -178,7 +179,7 @@ def test_beta_is_the_largest_damped_diagonal_for_every_q():
     centres = X[:100]
     values, vectors = torch.linalg.eigh(kernel(centres, centres).double() / 100)
     values, E = values.flip(0)[:20], (vectors.flip(1)[:, :20] / 10).float()
-    betas = _damped_diagonal_max(kernel, X, centres, E, values, budget=2**20)  # many blocks
+    betas = damped_diagonal_max(kernel, X, centres, E, values, budget=2**20)  # many blocks
     A = kernel(X, centres).double() @ E.double()  # (n, 20): K(x_i, X_S) E_j
     for q in range(20):
         D = (1 - values[q] / values[:q]) / values[:q]

@@ -37,10 +37,8 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 import torch
 import xarray as xr
 from tqdm.auto import tqdm
@@ -51,6 +49,7 @@ from deeprfm._records import labelled_record
 from deeprfm._validation import check_bool, check_number, seeded_generator
 from deeprfm.kernels import Kernel
 from deeprfm.solvers.base import KernelFit, KernelSolver, check_eval_set, check_solve_inputs
+from deeprfm.solvers.preconditioner import Preconditioner, damped_diagonal_max, top_eigenpairs
 
 __all__ = ["EigenProSolver"]
 
@@ -62,8 +61,6 @@ _DEFAULT_EPOCHS = 20
 _SAFETY = 0.9
 #: Smallest automatic batch: smaller matrix products waste the hardware.
 _MIN_BATCH = 64
-#: Rows per block of the one pass over the training set at setup (efficient, small memory).
-_PASS_ROWS = 2048
 #: Largest number of eigenpairs computed when q is chosen automatically.
 _MAX_EIGENPAIRS = 1000
 #: Eigenvalues of K_S/s are used down to this many times their rounding error, 2·eps·β₀/√s.
@@ -93,39 +90,6 @@ _HISTORY_ATTRS = {
     ),
     "seconds": ("seconds per epoch", "wall-clock seconds of the epoch, validation included"),
 }
-
-
-@dataclass
-class _Preconditioner:
-    """The damped top eigensystem of the subsample kernel and what it implies.
-
-    Attributes
-    ----------
-    indices : torch.Tensor, shape (s,)
-        Rows of the subsample S in the training set.
-    E : torch.Tensor, shape (s, q)
-        Top-q eigenvectors of K_S/s divided by √s.
-    D : torch.Tensor, shape (q,)
-        (1 − λ_{q+1}/λ_j)/λ_j.
-    top : float
-        λ_1, the largest eigenvalue of K_S/s.
-    tail : float
-        λ_{q+1}, the top eigenvalue after damping.
-    """
-
-    indices: torch.Tensor
-    E: torch.Tensor
-    D: torch.Tensor
-    top: float
-    tail: float
-
-    @property
-    def q(self) -> int:
-        return self.D.shape[0]
-
-    def correction(self, K_SB_g: torch.Tensor) -> torch.Tensor:
-        """E diag(D) Eᵀ K(X_S, X_B) g (s, c) from K(X_S, X_B) g (s, c)."""
-        return self.E @ (self.D[:, None] * (self.E.T @ K_SB_g))
 
 
 class EigenProSolver(KernelSolver):
@@ -352,7 +316,7 @@ class EigenProSolver(KernelSolver):
 
     def _preconditioner(
         self, kernel: Kernel, X: torch.Tensor, generator: torch.Generator, budget: int
-    ) -> tuple[_Preconditioner, float]:
+    ) -> tuple[Preconditioner, float]:
         """The damped eigensystem of a Nyström subsample and β = max k_P(x, x) (without λ)."""
         n = X.shape[0]
         s = self._subsample_size(n, budget)
@@ -362,14 +326,14 @@ class EigenProSolver(KernelSolver):
         centres = X[indices]
         K_S = kernel(centres, centres, memory_gb=self.memory_gb)
         wanted = min(s, _MAX_EIGENPAIRS) if self.top_q is None else self.top_q + 1
-        values, vectors = _top_eigenpairs(K_S, wanted)
+        values, vectors = top_eigenpairs(K_S, wanted)
         del K_S
         values /= s
         # D_j ≈ 1/λ_j amplifies the rounding error of λ_j: small eigenvalues are not used.
         rounding = 2 * torch.finfo(X.dtype).eps * kernel.max_diagonal / math.sqrt(s)
         usable = int((values > _ROUNDING_MARGIN * rounding).sum())
         values, E = values[:usable], (vectors[:, :usable] / math.sqrt(s)).to(X)
-        betas = _damped_diagonal_max(kernel, X, centres, E, values, budget)
+        betas = damped_diagonal_max(kernel, X, centres, E, values, budget)
         if self.top_q is None:
             # Below λ ≈ β/s the subsample cannot resolve the spectrum: m* ≤ s.
             fits = (betas[1:] / values[1:] + 1 <= s).nonzero()
@@ -384,7 +348,7 @@ class EigenProSolver(KernelSolver):
                     stacklevel=user_stacklevel(),
                 )
         head, tail = values[:q], float(values[q])
-        pre = _Preconditioner(
+        pre = Preconditioner(
             indices=indices,
             E=E[:, :q],
             D=((1 - tail / head) / head).to(X),
@@ -403,7 +367,7 @@ class _Run:
         X: torch.Tensor,
         Y: torch.Tensor,
         reg: float,
-        pre: _Preconditioner,
+        pre: Preconditioner,
         spectrum: tuple[float, float],
         batch: int,
         generator: torch.Generator,
@@ -553,75 +517,6 @@ def _step_size(beta: float, tail: float, m: int) -> float:
 def _history(records: dict[str, list[float]]) -> xr.Dataset:
     epochs = np.arange(1, len(records["seconds"]) + 1)
     return labelled_record(records, "epoch", epochs, _HISTORY_ATTRS)
-
-
-def _damped_diagonal_max(
-    kernel: Kernel,
-    X: torch.Tensor,
-    centres: torch.Tensor,
-    E: torch.Tensor,
-    values: torch.Tensor,
-    budget: int,
-) -> torch.Tensor:
-    """β(q) = max_i k_P(x_i, x_i) over the training points for every q = 0, …, k − 1.
-
-    Damping the top q directions to λ_{q+1} gives k_P(x, x) = k(x, x) − Σ_{j≤q} D_j a_j(x)²
-    with a_j(x) = K(x, X_S) E_j and D_j = 1/λ_j − λ_{q+1}/λ_j², i.e. two cumulative sums over j
-    of a_j²/λ_j and a_j²/λ_j². One pass of K(X, X_S) (blocks of rows) serves every q.
-
-    Parameters
-    ----------
-    X : torch.Tensor, shape (n, r)
-    centres : torch.Tensor, shape (s, r)
-    E : torch.Tensor, shape (s, k)
-        Top eigenvectors of K_S/s divided by √s.
-    values : torch.Tensor, shape (k,)
-        Their eigenvalues λ_1 ≥ … ≥ λ_k (float64).
-    budget : int
-        Bytes. Blocks of rows take at most a quarter for the kernel block (the rest is for the
-        (rows, k) sums) and at most ``_PASS_ROWS`` rows.
-
-    Returns
-    -------
-    torch.Tensor, shape (k,), float64
-        β(q) for q = 0 … k − 1 (β(0) = max k(x, x)).
-    """
-    top = kernel.max_diagonal
-    betas = torch.zeros_like(values)
-    betas[0] = top
-    inverse = 1 / values
-    row_bytes = 3 * centres.shape[0] * X.element_size()  # a row of the kernel's temporaries
-    rows = rows_per_block(budget // 4, row_bytes, min(X.shape[0], _PASS_ROWS), minimum=32)
-    for _, block in kernel.blocks(X, centres, rows=rows):
-        squares = (block @ E).double() ** 2  # (b, k)
-        by_value = torch.cumsum(squares * inverse, dim=1)
-        by_square = torch.cumsum(squares * inverse**2, dim=1)
-        damped = top - by_value[:, :-1] + values[1:] * by_square[:, :-1]  # q = 1 … k − 1
-        betas[1:] = torch.maximum(betas[1:], damped.amax(dim=0))
-    return betas.clamp(max=top)
-
-
-def _top_eigenpairs(K: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``count`` largest eigenpairs of a symmetric matrix, in float64, descending.
-
-    CPU: LAPACK's ``syevr`` for the wanted subset only (far faster than a full ``eigh``);
-    CUDA: ``torch.linalg.eigh``. Both are dense solvers: iterative ones asked for hundreds of
-    eigenvectors are slow and inaccurate.
-    """
-    s = K.shape[0]
-    if K.device.type == "cpu":
-        values, vectors = scipy.linalg.eigh(
-            K.double().numpy(),
-            subset_by_index=(s - count, s - 1),
-            driver="evr",
-            overwrite_a=True,
-            check_finite=False,
-        )
-        values, vectors = torch.from_numpy(values), torch.from_numpy(vectors)
-    else:
-        values, vectors = torch.linalg.eigh(K.double())
-        values, vectors = values[s - count :], vectors[:, s - count :]
-    return values.flip(0).to(K.device), vectors.flip(1).to(K.device)
 
 
 def _metric_factor(M: torch.Tensor | None, X: torch.Tensor) -> torch.Tensor | None:
