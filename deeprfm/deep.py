@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import xarray as xr
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
@@ -150,7 +150,7 @@ def unit_rows(X: torch.Tensor) -> torch.Tensor:
     return X / torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
-class DeepRFM(ClassifierMixin, BaseEstimator):
+class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
     """Deep Recursive Feature Machine classifier.
 
     Parameters
@@ -495,17 +495,25 @@ class DeepRFM(ClassifierMixin, BaseEstimator):
                 H = self._rescale(fitted.forward(H), index + 1)
                 centres = self._rescale(fitted.forward(centres), index + 1)
 
-    def decision_function(self, X) -> np.ndarray:
-        """Outputs of the last layer's RFM, shape (n_samples, n_classes)."""
+    def _last_outputs(self, X) -> torch.Tensor:
+        check_is_fitted(self, "layers_")
         *_, outputs = self._layer_outputs(X, len(self.layers_) - 1)
-        return outputs.cpu().numpy().astype(np.float64)
+        return outputs
+
+    def decision_function(self, X) -> np.ndarray:
+        """Outputs of the last layer's RFM: shape (n_samples, n_classes), or (n_samples,) for
+        two classes (positive favours ``classes_[1]``), as scikit-learn's classifiers."""
+        outputs = self._last_outputs(X).cpu().numpy().astype(np.float64)
+        return outputs[:, 1] - outputs[:, 0] if len(self.classes_) == 2 else outputs
 
     def predict(self, X) -> np.ndarray:
         """Labels predicted by the last layer's RFM, shape (n_samples,)."""
-        return self.classes_[self.decision_function(X).argmax(axis=1)]
+        winners = self._last_outputs(X).argmax(dim=1).cpu().numpy()
+        return self.classes_[winners]
 
     def predict_layers(self, X) -> np.ndarray:
         """Labels predicted by every layer's RFM, shape (n_layers, n_samples)."""
+        check_is_fitted(self, "layers_")
         winners = [
             out.argmax(dim=1).cpu().numpy() for out in self._layer_outputs(X, len(self.layers_) - 1)
         ]
