@@ -63,7 +63,13 @@ def check_sq_norms(sq_norms: torch.Tensor) -> None:
 def _sq_distances_from(
     X: torch.Tensor, x_sq: torch.Tensor, ZM: torch.Tensor, z_sq: torch.Tensor
 ) -> torch.Tensor:
-    """‖x_i − z_j‖²_M (n×m) given X, ‖x‖²_M, Z M and ‖z‖²_M; rounding noise set to 0."""
+    """‖x_i − z_j‖²_M (n×m) given X, ‖x‖²_M, Z M and ‖z‖²_M; rounding noise set to 0.
+
+    Raises ValueError when the squared norms could make the distances overflow
+    (:func:`check_sq_norms`): every distance of the library is computed here.
+    """
+    check_sq_norms(x_sq)
+    check_sq_norms(z_sq)
     scale = x_sq[:, None] + z_sq[None, :]
     sq = torch.addmm(scale, X, ZM.T, alpha=-2.0)
     scale.mul_(_CANCELLATION_EPS * torch.finfo(sq.dtype).eps)
@@ -193,13 +199,10 @@ class Kernel(ABC):
         Z = Z - shift
         ZM = Z if M is None else Z @ M
         z_sq = (ZM * Z).sum(dim=1)
-        check_sq_norms(z_sq)
         for start in range(0, X.shape[0], rows):
             block = slice(start, start + rows)
             Xb = X[block] - shift
-            x_sq = m_sq_norms(Xb, M)
-            check_sq_norms(x_sq)
-            yield block, self.from_sq_dist_(_sq_distances_from(Xb, x_sq, ZM, z_sq))
+            yield block, self.from_sq_dist_(_sq_distances_from(Xb, m_sq_norms(Xb, M), ZM, z_sq))
 
     def apply(
         self,

@@ -23,7 +23,7 @@ import torch
 import analysis
 from deeprfm import DeepRFM, RFMClassifier, RFMRegressor
 from deeprfm.data import load_dataset
-from deeprfm.kernels import LaplaceKernel
+from deeprfm.kernels import LaplaceKernel, sq_distances
 from deeprfm.probes import NeuralProbe
 from deeprfm.solvers import DirectSolver, EigenProSolver, make_solver
 
@@ -55,6 +55,11 @@ BAD_CALLS = {
     ),
     "fit on inputs that overflow float32 (EigenPro)": (
         lambda: RFMClassifier(iters=1, solver="eigenpro").fit(X * 1e30, Y),
+        ValueError,
+        "overflow float32",
+    ),
+    "squared distances that overflow float32": (
+        lambda: sq_distances(torch.full((3, 4), 1e30), torch.zeros(2, 4)),
         ValueError,
         "overflow float32",
     ),
