@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from sklearn.utils.multiclass import check_classification_targets
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "check_classes",
     "check_targets",
     "class_codes",
+    "decision_scores",
     "encode_labels",
     "known_labels",
 ]
@@ -88,3 +90,20 @@ def known_labels(y: np.ndarray, classes: np.ndarray, name: str = "eval_set y") -
     if len(unseen):
         raise ValueError(f"{name} has labels not seen in y: {unseen[:5].tolist()}")
     return np.searchsorted(classes, y)
+
+
+def decision_scores(outputs: torch.Tensor) -> np.ndarray:
+    """A classifier's ``decision_function`` from its outputs, as scikit-learn's classifiers.
+
+    Parameters
+    ----------
+    outputs : torch.Tensor, shape (n, K)
+        The regression outputs, one column per class.
+
+    Returns
+    -------
+    ndarray of float64, shape (n, K), or (n,) for K = 2: ``outputs[:, 1] − outputs[:, 0]``,
+    positive where the second class wins.
+    """
+    scores = outputs.cpu().numpy().astype(np.float64)
+    return scores[:, 1] - scores[:, 0] if scores.shape[1] == 2 else scores

@@ -31,6 +31,7 @@ from deeprfm._classes import (
     check_classes,
     check_targets,
     class_codes,
+    decision_scores,
     encode_labels,
     known_labels,
 )
@@ -503,8 +504,7 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
     def decision_function(self, X) -> np.ndarray:
         """Outputs of the last layer's RFM: shape (n_samples, n_classes), or (n_samples,) for
         two classes (positive favours ``classes_[1]``), as scikit-learn's classifiers."""
-        outputs = self._last_outputs(X).cpu().numpy().astype(np.float64)
-        return outputs[:, 1] - outputs[:, 0] if len(self.classes_) == 2 else outputs
+        return decision_scores(self._last_outputs(X))
 
     def predict(self, X) -> np.ndarray:
         """Labels predicted by the last layer's RFM, shape (n_samples,)."""

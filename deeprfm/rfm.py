@@ -24,6 +24,7 @@ from deeprfm._classes import (
     check_classes,
     check_targets,
     class_codes,
+    decision_scores,
     encode_labels,
     known_labels,
 )
@@ -562,7 +563,7 @@ class RFMClassifier(ClassifierMixin, _BaseRFM):
         return {"c": len(self.classes_)}
 
     def _fit_encoded(self, X: torch.Tensor, Y: torch.Tensor, classes: np.ndarray):
-        """Fit on tensors already validated: X (n, d) and one-hot Y (n, len(classes))."""
+        """Fit on tensors already validated: X (n, d) and class codes Y (n, len(classes))."""
         kernel = self._check_params()
         self.classes_ = classes
         self.n_features_in_ = X.shape[1]
@@ -579,8 +580,7 @@ class RFMClassifier(ClassifierMixin, _BaseRFM):
     def decision_function(self, X) -> np.ndarray:
         """Predictor outputs: shape (n_samples, n_classes), or (n_samples,) for two classes
         (positive favours ``classes_[1]``)."""
-        outputs = self._outputs(X).cpu().numpy().astype(np.float64)
-        return outputs[:, 1] - outputs[:, 0] if len(self.classes_) == 2 else outputs
+        return decision_scores(self._outputs(X))
 
     def predict(self, X) -> np.ndarray:
         """Predicted labels, shape (n_samples,)."""
