@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -69,20 +70,40 @@ def check_square_matrix(matrix, name: str, size: int) -> np.ndarray:
 def check_metric_matrix(matrix, name: str, size: int) -> np.ndarray:
     """A finite, symmetric, positive semi-definite (size, size) array (a copy), or ValueError.
 
-    Symmetry and definiteness are checked within rounding: asymmetry up to 1e-6 of the largest
-    entry, eigenvalues down to −√ε of the largest.
+    Checked by :func:`check_symmetric_psd` in float64 (eigenvalues down to −√ε of the largest
+    entry allowed).
     """
     array = np.array(check_square_matrix(matrix, name, size), dtype=np.float64)
-    scale = float(np.abs(array).max()) if array.size else 0.0
-    if not np.allclose(array, array.T, rtol=0.0, atol=1e-6 * scale):
-        raise ValueError(f"{name} must be symmetric")
-    if scale > 0:
-        lowest = float(np.linalg.eigvalsh((array + array.T) / 2)[0])
-        if lowest < -np.sqrt(np.finfo(np.float64).eps) * scale:
-            raise ValueError(
-                f"{name} must be positive semi-definite, but has eigenvalue {lowest:.3g}"
-            )
+    check_symmetric_psd(torch.from_numpy(array), name, torch.float64)
     return array
+
+
+def check_symmetric_psd(M: torch.Tensor, name: str, dtype: torch.dtype | None) -> None:
+    """Raise ValueError unless the finite matrix ``M`` is symmetric and PSD within rounding.
+
+    Parameters
+    ----------
+    M : torch.Tensor, shape (d, d)
+        Finite values; checked in float64.
+    name : str
+        The argument, for the messages.
+    dtype : torch.dtype or None
+        The precision ``M`` was computed in: asymmetry up to 1e-6 of the largest entry and
+        eigenvalues down to −√ε(dtype) of it are rounding. None checks symmetry only.
+    """
+    M = M.double()
+    scale = float(M.abs().max()) if M.numel() else 0.0
+    if not torch.allclose(M, M.T, rtol=0.0, atol=1e-6 * scale):
+        raise ValueError(f"{name} must be symmetric")
+    if dtype is None or scale == 0:
+        return
+    # M + εI is positive definite for every PSD M (rounding included), not for M ⋡ 0
+    symmetric = (M + M.T) / 2
+    shift = math.sqrt(torch.finfo(dtype).eps) * scale
+    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    if int(torch.linalg.cholesky_ex(symmetric + shift * eye).info) != 0:
+        lowest = float(torch.linalg.eigvalsh(symmetric)[0])
+        raise ValueError(f"{name} must be positive semi-definite, but has eigenvalue {lowest:.3g}")
 
 
 def seeded_generator(random_state: int | None) -> torch.Generator:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
 
-from deeprfm._validation import check_number
+from deeprfm._validation import check_number, check_symmetric_psd
 from deeprfm.kernels import Kernel
 
 __all__ = ["KernelFit", "KernelSolver", "check_eval_set", "check_solve_inputs"]
@@ -128,19 +127,9 @@ def _check_metric(M: torch.Tensor, X: torch.Tensor, psd: bool) -> None:
         raise ValueError(f"M must have shape ({d}, {d}), got {tuple(M.shape)}")
     if M.device != X.device:
         raise ValueError(f"M is on {M.device} but X is on {X.device}")
-    M = M.double()
     if not torch.isfinite(M).all():
         raise ValueError("M contains NaN or infinite values")
-    scale = float(M.abs().max())
-    if not torch.allclose(M, M.T, rtol=0.0, atol=1e-6 * scale):
-        raise ValueError("M must be symmetric")
-    if psd and scale > 0:
-        # M + εI is positive definite for every PSD M (rounding included), not for M ⋡ 0
-        tolerance = math.sqrt(torch.finfo(X.dtype).eps) * scale
-        shifted = (M + M.T) / 2 + tolerance * torch.eye(d, dtype=M.dtype, device=M.device)
-        if int(torch.linalg.cholesky_ex(shifted).info) != 0:
-            lowest = float(torch.linalg.eigvalsh((M + M.T) / 2)[0])
-            raise ValueError(f"M must be positive semi-definite, but has eigenvalue {lowest:.3g}")
+    check_symmetric_psd(M, "M", X.dtype if psd else None)
 
 
 def check_eval_set(
