@@ -1,9 +1,19 @@
-"""Device, dtype and memory-budget resolution shared by every blocked computation."""
+"""The compute configuration: device, dtype and memory budget, resolved once per computation.
+
+One meaning of the budget, used everywhere (docs/design.md, *The memory-budget contract*):
+``memory_gb`` bounds, in GiB, the temporaries of one blocked computation (kernel blocks, AGOP
+blocks, EigenPro batches, collapse statistics); ``None`` takes :data:`DEFAULT_FREE_FRACTION` of
+the free memory of the device, at most :data:`DEFAULT_CPU_CAP` on the CPU. On the CPU a kernel
+block is moreover never larger than :data:`CPU_KERNEL_BLOCK` (a speed choice, within any
+budget). An estimator resolves its :class:`Compute` once per ``fit`` and passes it down, so one
+fit runs under one budget however much the free memory changes while it runs.
+"""
 
 from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -34,13 +44,21 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     ----------
     device : str, torch.device or None
         ``None`` selects CUDA when available, else the CPU.
+
+    Raises
+    ------
+    ValueError
+        Not a device name, or a CUDA device on a machine without CUDA.
     """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device must be a torch device or its name, got {device!r}") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available on this machine")
+    return resolved
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -115,6 +133,16 @@ def check_fits(needed: int, budget: int, device: torch.device, what: str, advice
         )
 
 
+def check_memory_gb(memory_gb: float | None) -> None:
+    """Raise TypeError/ValueError unless ``memory_gb`` is None or a positive finite number."""
+    if memory_gb is None:
+        return
+    if isinstance(memory_gb, bool) or not isinstance(memory_gb, (int, float)):
+        raise TypeError(f"memory_gb must be a positive number or None, got {memory_gb!r}")
+    if not 0 < memory_gb < float("inf"):
+        raise ValueError(f"memory_gb must be a positive finite number, got {memory_gb!r}")
+
+
 def memory_budget(memory_gb: float | None, device: torch.device) -> int:
     """Return the memory budget in bytes for blocked computations on ``device``.
 
@@ -126,11 +154,8 @@ def memory_budget(memory_gb: float | None, device: torch.device) -> int:
     device : torch.device
         Where the computation runs.
     """
+    check_memory_gb(memory_gb)
     if memory_gb is not None:
-        if isinstance(memory_gb, bool) or not isinstance(memory_gb, (int, float)):
-            raise TypeError(f"memory_gb must be a positive number or None, got {memory_gb!r}")
-        if not memory_gb > 0:
-            raise ValueError(f"memory_gb must be positive, got {memory_gb!r}")
         return int(memory_gb * 1024**3)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -139,15 +164,52 @@ def memory_budget(memory_gb: float | None, device: torch.device) -> int:
 
 
 def kernel_block_budget(memory_gb: float | None, device: torch.device) -> int:
-    """Bytes for one block of kernel temporaries on ``device``.
-
-    An explicit ``memory_gb`` is used as given; by default the :func:`memory_budget`, and on
-    the CPU at most :data:`CPU_KERNEL_BLOCK` (faster there than larger blocks).
-    """
+    """Bytes for one block of kernel temporaries on ``device``: the :func:`memory_budget`, and
+    on the CPU at most :data:`CPU_KERNEL_BLOCK` (faster there than larger blocks)."""
     budget = memory_budget(memory_gb, device)
-    if memory_gb is None and device.type == "cpu":
-        return min(budget, CPU_KERNEL_BLOCK)
-    return budget
+    return min(budget, CPU_KERNEL_BLOCK) if device.type == "cpu" else budget
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where a fit or measurement computes, in which precision, and the memory it may use.
+
+    Resolved once per ``fit`` by :meth:`resolve` and passed down to every kernel, solver and
+    AGOP call of that fit (as ``memory_gb=compute.memory_gb``, an explicit number), so that the
+    budget does not move while the fit runs.
+
+    Attributes
+    ----------
+    device : torch.device
+    dtype : torch.dtype
+        torch.float32 or torch.float64.
+    budget : int
+        The memory budget in bytes (:func:`memory_budget`).
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    budget: int
+
+    @classmethod
+    def resolve(
+        cls,
+        device: str | torch.device | None,
+        dtype: torch.dtype | str,
+        memory_gb: float | None,
+    ) -> Compute:
+        """Validate and resolve an estimator's ``device``, ``dtype`` and ``memory_gb``.
+
+        ``device=None`` selects CUDA when available; ``memory_gb=None`` a safe fraction of the
+        device's free memory, measured now.
+        """
+        resolved = resolve_device(device)
+        return cls(resolved, resolve_dtype(dtype), memory_budget(memory_gb, resolved))
+
+    @property
+    def memory_gb(self) -> float:
+        """The budget in GiB, as the ``memory_gb`` argument of the blocked functions."""
+        return self.budget / 1024**3
 
 
 def rows_per_block(budget_bytes: int, bytes_per_row: int, total_rows: int, minimum: int = 1) -> int:

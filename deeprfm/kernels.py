@@ -22,6 +22,7 @@ from deeprfm._memory import kernel_block_budget, rows_per_block
 from deeprfm._validation import check_number
 
 __all__ = [
+    "KERNELS",
     "GaussianKernel",
     "GeneralizedLaplaceKernel",
     "Kernel",
@@ -317,7 +318,8 @@ def _check_exponent(exponent: float) -> float:
     return float(exponent)
 
 
-_KERNELS: dict[str, type[Kernel]] = {
+#: The kernels an estimator's ``kernel`` parameter can name.
+KERNELS: dict[str, type[Kernel]] = {
     "laplace": LaplaceKernel,
     "gaussian": GaussianKernel,
     "gen_laplace": GeneralizedLaplaceKernel,
@@ -339,9 +341,9 @@ def make_kernel(kernel: str | Kernel, bandwidth: float = 10.0, exponent: float =
         return kernel
     if not isinstance(kernel, str):
         raise TypeError(f"kernel must be a kernel name or a Kernel, got {type(kernel).__name__}")
-    if kernel not in _KERNELS:
-        raise ValueError(f"kernel must be one of {sorted(_KERNELS)}, got {kernel!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
     _check_exponent(exponent)
     if kernel == "gen_laplace":
         return GeneralizedLaplaceKernel(bandwidth, exponent)
-    return _KERNELS[kernel](bandwidth)
+    return KERNELS[kernel](bandwidth)

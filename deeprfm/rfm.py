@@ -11,35 +11,41 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import xarray as xr
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+from sklearn.utils.validation import check_array, check_is_fitted
 from tqdm.auto import tqdm
 
 from deeprfm._classes import (
+    TARGET_CODES,
     check_classes,
-    check_targets,
     class_codes,
     decision_scores,
     encode_labels,
     known_labels,
 )
 from deeprfm._diagnostics import check_coefficients, check_outputs, next_metric
-from deeprfm._memory import check_fits, memory_budget, resolve_device, resolve_dtype
+from deeprfm._memory import Compute, check_fits, check_memory_gb, resolve_device, resolve_dtype
 from deeprfm._records import labelled_record
 from deeprfm._validation import (
-    as_numpy,
-    check_bool,
+    Constraint,
+    Flag,
+    Number,
+    OneOf,
+    Rule,
     check_metric_matrix,
-    check_number,
+    check_params,
+    estimator_inputs,
+    eval_set_inputs,
     to_tensor,
 )
-from deeprfm.agop import _NORMALIZATIONS, kernel_agop
-from deeprfm.kernels import Kernel, make_kernel
+from deeprfm.agop import NORMALIZATIONS, kernel_agop
+from deeprfm.kernels import KERNELS, Kernel, make_kernel
 from deeprfm.persist import (
     check_tensors,
     jsonable_params,
@@ -49,7 +55,7 @@ from deeprfm.persist import (
     restore_params,
     save_state,
 )
-from deeprfm.solvers import make_solver
+from deeprfm.solvers import SOLVERS, KernelSolver, make_solver
 
 __all__ = ["RFMClassifier", "RFMRegressor"]
 
@@ -90,46 +96,52 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass(eq=False, repr=False)
 class _BaseRFM(BaseEstimator):
-    """Shared fitting loop of :class:`RFMRegressor` and :class:`RFMClassifier`."""
+    """Shared fitting loop of :class:`RFMRegressor` and :class:`RFMClassifier`.
 
-    def __init__(
-        self,
-        kernel: str | Kernel = "laplace",
-        bandwidth: float = 10.0,
-        reg: float = 1e-3,
-        iters: int = 5,
-        exponent: float = 1.0,
-        diag: bool = False,
-        centering: bool = False,
-        agop_power: float = 1.0,
-        agop_samples: int = 20000,
-        normalize: str | None = "max",
-        solver="auto",
-        early_stopping: bool = True,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | str = torch.float32,
-        memory_gb: float | None = None,
-        random_state: int | None = None,
-        verbose: bool = False,
-    ) -> None:
-        self.kernel = kernel
-        self.bandwidth = bandwidth
-        self.reg = reg
-        self.iters = iters
-        self.exponent = exponent
-        self.diag = diag
-        self.centering = centering
-        self.agop_power = agop_power
-        self.agop_samples = agop_samples
-        self.normalize = normalize
-        self.solver = solver
-        self.early_stopping = early_stopping
-        self.device = device
-        self.dtype = dtype
-        self.memory_gb = memory_gb
-        self.random_state = random_state
-        self.verbose = verbose
+    The constructor is generated from the fields below (one signature for both estimators);
+    ``_constraints`` is the table of what each parameter admits, checked in ``fit``.
+    """
+
+    kernel: str | Kernel = "laplace"
+    bandwidth: float = 10.0
+    reg: float = 1e-3
+    iters: int = 5
+    exponent: float = 1.0
+    diag: bool = False
+    centering: bool = False
+    agop_power: float = 1.0
+    agop_samples: int = 20000
+    normalize: str | None = "max"
+    solver: str | KernelSolver = "auto"
+    early_stopping: bool = True
+    device: str | torch.device | None = None
+    dtype: torch.dtype | str = torch.float32
+    memory_gb: float | None = None
+    random_state: int | None = None
+    verbose: bool = False
+    copy_X: bool = True
+
+    _constraints: ClassVar[dict[str, Constraint]] = {
+        "kernel": OneOf(tuple(KERNELS), types=(Kernel,)),
+        "bandwidth": Number(low=0, low_inclusive=False),
+        "reg": Number(low=0),
+        "iters": Number(integer=True, low=0),
+        "exponent": Number(low=0, low_inclusive=False, high=2),
+        "diag": Flag(),
+        "centering": Flag(),
+        "agop_power": Number(low=0, low_inclusive=False),
+        "agop_samples": Number(integer=True, low=1),
+        "normalize": OneOf(NORMALIZATIONS),
+        "solver": OneOf(("auto", *SOLVERS), types=(KernelSolver,)),
+        "early_stopping": Flag(),
+        "device": Rule(resolve_device),
+        "dtype": Rule(resolve_dtype),
+        "memory_gb": Rule(check_memory_gb),
+        "verbose": Flag(),
+        "copy_X": Flag(),
+    }
 
     # -- what classifier and regressor do differently ------------------------------------
 
@@ -148,16 +160,8 @@ class _BaseRFM(BaseEstimator):
     # -- fitting -------------------------------------------------------------------------
 
     def _check_params(self) -> Kernel:
-        check_number(self.reg, "reg", low=0)
-        check_number(self.iters, "iters", integer=True, low=0)
-        check_number(self.agop_power, "agop_power", low=0, low_inclusive=False)
-        check_number(self.agop_samples, "agop_samples", integer=True, low=1)
-        for flag in ("diag", "centering", "early_stopping", "verbose"):
-            check_bool(getattr(self, flag), flag)
-        if self.normalize not in _NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {_NORMALIZATIONS}, got {self.normalize!r}")
-        if self.memory_gb is not None:
-            check_number(self.memory_gb, "memory_gb", low=0, low_inclusive=False)
+        """Check every parameter against ``_constraints``; the kernel they describe."""
+        check_params(self, self._constraints)
         return make_kernel(self.kernel, self.bandwidth, self.exponent)
 
     def fit(self, X, y, eval_set=None, M_init=None):
@@ -166,12 +170,13 @@ class _BaseRFM(BaseEstimator):
         Parameters
         ----------
         X : array-like or torch.Tensor, shape (n_samples, n_features)
-            Training inputs.
+            Training inputs. A tensor is used where it is (moved to ``device`` in ``dtype`` if
+            needed), without a copy through numpy.
         y : array-like, shape (n_samples,) or (n_samples, n_outputs)
             Labels (classifier) or targets (regressor).
         eval_set : tuple (X_val, y_val), optional
-            Validation data, scored at every iteration; with ``early_stopping`` the best
-            iteration on it is kept.
+            Validation data (X_val an array or tensor), scored at every iteration; with
+            ``early_stopping`` the best iteration on it is kept.
         M_init : array-like, shape (n_features, n_features), optional
             Initial metric (e.g. ``M_`` of an earlier fit, to warm-start); default identity.
 
@@ -180,34 +185,39 @@ class _BaseRFM(BaseEstimator):
         self
         """
         kernel = self._check_params()
-        device, dtype = resolve_device(self.device), resolve_dtype(self.dtype)
-        X, y = validate_data(
+        compute = Compute.resolve(self.device, self.dtype, self.memory_gb)
+        regressor = isinstance(self, RegressorMixin)
+        # the model keeps X (its centres): a copy unless copy_X=False
+        X, y = estimator_inputs(
             self,
-            as_numpy(X),
-            as_numpy(y),
-            dtype=[np.float64, np.float32],
-            multi_output=isinstance(self, RegressorMixin),
-            y_numeric=isinstance(self, RegressorMixin),
+            X,
+            y,
+            device=compute.device,
+            dtype=compute.dtype,
+            reset=True,
+            copy=self.copy_X,
+            y_check={"multi_output": regressor, "y_numeric": regressor},
         )
-        if isinstance(self, RegressorMixin):
+        if regressor:
             y = check_array(y, ensure_2d=False, input_name="y", dtype=np.float64)
-        Y = to_tensor(self._encode_targets(y), device, dtype)
+        Y = to_tensor(self._encode_targets(y), compute.device, compute.dtype)
         validation = None
         if eval_set is not None:
-            validation = self._check_eval_set(eval_set, device, dtype)
+            X_val, y_val = eval_set_inputs(
+                eval_set, self.n_features_in_, compute.device, compute.dtype
+            )
+            targets = self._encode_eval_targets(y_val)
+            validation = (X_val, to_tensor(targets, compute.device, compute.dtype))
         M0 = None
         if M_init is not None:
             M0 = to_tensor(
-                check_metric_matrix(M_init, "M_init", X.shape[1]), device, dtype, copy=True
+                check_metric_matrix(M_init, "M_init", X.shape[1]),
+                compute.device,
+                compute.dtype,
+                copy=True,
             )
-        # the model keeps X (its centres) and possibly M_init: copies, never the caller's arrays
-        self._fit_tensors(kernel, to_tensor(X, device, dtype, copy=True), Y, validation, M0)
+        self._fit_tensors(kernel, X, Y, validation, M0, compute)
         return self
-
-    def _check_eval_set(self, eval_set, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        X_val, y_val = check_eval_set(eval_set, self.n_features_in_)
-        targets = self._encode_eval_targets(y_val)
-        return to_tensor(X_val, device, dtype), to_tensor(targets, device, dtype)
 
     def _encode_eval_targets(self, y: np.ndarray) -> np.ndarray:
         targets = np.asarray(y, dtype=np.float64)
@@ -220,22 +230,24 @@ class _BaseRFM(BaseEstimator):
         Y: torch.Tensor,
         validation: tuple[torch.Tensor, torch.Tensor] | None,
         M_init: torch.Tensor | None,
+        compute: Compute,
     ) -> None:
-        """The RFM loop on validated tensors (n, d) and targets (n, c) on one device."""
+        """The RFM loop on validated tensors (n, d) and targets (n, c) on ``compute.device``."""
         n, d = X.shape
         check_fits(
             metric_bytes(d),
-            memory_budget(self.memory_gb, X.device),
-            X.device,
+            compute.budget,
+            compute.device,
             f"an RFM on d={d} features (its d x d metric, AGOP and eigendecomposition)",
             "use fewer features or a larger memory_gb",
         )
+        memory_gb = compute.memory_gb  # one budget for every computation of this fit
         solver = make_solver(
             self.solver,
             n,
             itemsize=X.element_size(),
-            device=X.device,
-            memory_gb=self.memory_gb,
+            device=compute.device,
+            memory_gb=memory_gb,
             random_state=self.random_state,
             verbose=self.verbose,
         )
@@ -255,7 +267,7 @@ class _BaseRFM(BaseEstimator):
             solved = time.perf_counter()
             scores = self._scores(fit.fitted, Y, "train")
             if validation is not None:
-                outputs = kernel.apply(validation[0], X, fit.alpha, M, memory_gb=self.memory_gb)
+                outputs = kernel.apply(validation[0], X, fit.alpha, M, memory_gb=memory_gb)
                 scores |= self._scores(outputs, validation[1], "eval")
             candidates.append(_Candidate(iteration, M, fit.alpha, scores))
             agop_start = time.perf_counter()
@@ -268,7 +280,7 @@ class _BaseRFM(BaseEstimator):
                     agop_points,
                     centering=self.centering,
                     diag=self.diag,
-                    memory_gb=self.memory_gb,
+                    memory_gb=memory_gb,
                 )
                 M = next_metric(
                     agop,
@@ -299,17 +311,19 @@ class _BaseRFM(BaseEstimator):
         self.M_ = best.M.cpu().numpy().astype(np.float64)
         self.alpha_ = best.alpha.cpu().numpy().astype(np.float64)
         self.best_iter_ = best.iteration
-        self.history_ = self._history(rows)
+        self.history_ = self._history(rows, compute)
         self._M_fit = best.M
         self._alpha_fit = best.alpha
 
-    def _history(self, rows: list[dict]) -> xr.Dataset:
+    def _history(self, rows: list[dict], compute: Compute) -> xr.Dataset:
         columns = {name: [row[name] for row in rows] for name in rows[0]}
         history = labelled_record(columns, "iteration", range(len(rows)), _METRIC_ATTRS)
         history.attrs = {
             "estimator": type(self).__name__,
             "best_iteration": int(self.best_iter_),
             "params": params_json(self),
+            "device": str(compute.device),
+            "memory_budget_gb": compute.memory_gb,
         }
         return history
 
@@ -361,30 +375,17 @@ class _BaseRFM(BaseEstimator):
         return model
 
     def _outputs(self, X) -> torch.Tensor:
-        """Predictor outputs (m, c) at new points, as a tensor on the fitted device."""
+        """Predictor outputs (m, c) at new points (an array or a tensor), as a tensor on the
+        fitted device."""
         check_is_fitted(self, "alpha_")
-        X = validate_data(self, as_numpy(X), reset=False, dtype=[np.float64, np.float32])
-        Z = to_tensor(X, self.X_fit_.device, self.X_fit_.dtype)
+        Z, _ = estimator_inputs(
+            self, X, device=self.X_fit_.device, dtype=self.X_fit_.dtype, reset=False
+        )
         return check_outputs(
             self.kernel_.apply(
                 Z, self.X_fit_, self._alpha_fit, self._M_fit, memory_gb=self.memory_gb
             )
         )
-
-
-def check_eval_set(eval_set, n_features: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validate an ``eval_set`` pair (X_val (m, n_features), y_val (m,) or (m, c))."""
-    if not isinstance(eval_set, (tuple, list)) or len(eval_set) != 2:
-        raise TypeError("eval_set must be a pair (X_val, y_val)")
-    X_val = check_array(as_numpy(eval_set[0]), dtype=np.float64, input_name="eval_set X")
-    y_val = check_array(as_numpy(eval_set[1]), ensure_2d=False, dtype=None, input_name="eval_set y")
-    if X_val.shape[1] != n_features:
-        raise ValueError(
-            f"eval_set X has {X_val.shape[1]} features, but the model is fitted on {n_features}"
-        )
-    if len(X_val) != len(y_val):
-        raise ValueError(f"eval_set X and y have different lengths: {len(X_val)} and {len(y_val)}")
-    return X_val, y_val
 
 
 #: d × d float64 matrices alive at once in an RFM iteration: the AGOP, its eigenvectors and
@@ -401,6 +402,7 @@ def _format_scores(row: dict) -> str:
     return ", ".join(f"{name}={value:.4g}" for name, value in row.items())
 
 
+@dataclass(eq=False, repr=False)
 class RFMRegressor(RegressorMixin, _BaseRFM):
     """Recursive Feature Machine for regression (single or multiple outputs).
 
@@ -435,11 +437,17 @@ class RFMRegressor(RegressorMixin, _BaseRFM):
         Computation device; default CUDA when available, else CPU.
     dtype : torch.float32 or torch.float64
     memory_gb : float, optional
-        Memory budget of the blocked computations; default a safe fraction of free memory.
+        Memory budget in GiB of the blocked computations (docs/design.md, *The memory-budget
+        contract*); default a safe fraction of the free memory, measured once per ``fit``.
     random_state : int, optional
         Seed of the AGOP subsample and of iterative solvers.
     verbose : bool
         Progress bar over iterations.
+    copy_X : bool
+        Keep a copy of the training inputs as the kernel centres (``X_fit_``). ``False``: a
+        tensor ``X`` already on ``device`` in ``dtype`` (or a numpy array torch can share) is
+        kept by reference, saving its memory; it must then not be modified while the model is
+        used.
 
     Attributes
     ----------
@@ -484,6 +492,7 @@ class RFMRegressor(RegressorMixin, _BaseRFM):
         return outputs[:, 0] if self._single_output else outputs
 
 
+@dataclass(eq=False, repr=False)
 class RFMClassifier(ClassifierMixin, _BaseRFM):
     """Recursive Feature Machine for classification (kernel regression on class codes).
 
@@ -503,50 +512,13 @@ class RFMClassifier(ClassifierMixin, _BaseRFM):
         ``history_`` are against the ``targets`` codes.
     """
 
-    def __init__(
-        self,
-        kernel: str | Kernel = "laplace",
-        bandwidth: float = 10.0,
-        reg: float = 1e-3,
-        iters: int = 5,
-        exponent: float = 1.0,
-        diag: bool = False,
-        centering: bool = False,
-        agop_power: float = 1.0,
-        agop_samples: int = 20000,
-        normalize: str | None = "max",
-        solver="auto",
-        early_stopping: bool = True,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | str = torch.float32,
-        memory_gb: float | None = None,
-        random_state: int | None = None,
-        verbose: bool = False,
-        targets: str = "onehot",
-    ) -> None:
-        super().__init__(
-            kernel=kernel,
-            bandwidth=bandwidth,
-            reg=reg,
-            iters=iters,
-            exponent=exponent,
-            diag=diag,
-            centering=centering,
-            agop_power=agop_power,
-            agop_samples=agop_samples,
-            normalize=normalize,
-            solver=solver,
-            early_stopping=early_stopping,
-            device=device,
-            dtype=dtype,
-            memory_gb=memory_gb,
-            random_state=random_state,
-            verbose=verbose,
-        )
-        self.targets = targets
+    targets: str = "onehot"
+
+    _constraints: ClassVar[dict[str, Constraint]] = _BaseRFM._constraints | {
+        "targets": OneOf(TARGET_CODES)
+    }
 
     def _encode_targets(self, y: np.ndarray) -> np.ndarray:
-        check_targets(self.targets)
         self.classes_, encoded = encode_labels(y)
         return class_codes(encoded, len(self.classes_), self.targets)
 
@@ -561,14 +533,6 @@ class RFMClassifier(ClassifierMixin, _BaseRFM):
 
     def _target_sizes(self) -> dict[str, int]:
         return {"c": len(self.classes_)}
-
-    def _fit_encoded(self, X: torch.Tensor, Y: torch.Tensor, classes: np.ndarray):
-        """Fit on tensors already validated: X (n, d) and class codes Y (n, len(classes))."""
-        kernel = self._check_params()
-        self.classes_ = classes
-        self.n_features_in_ = X.shape[1]
-        self._fit_tensors(kernel, X, Y, None, None)
-        return self
 
     def _scores(self, outputs: torch.Tensor, targets: torch.Tensor, prefix: str) -> dict:
         accuracy = (outputs.argmax(dim=1) == targets.argmax(dim=1)).double().mean()

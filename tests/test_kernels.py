@@ -129,13 +129,16 @@ def test_a_user_kernel_with_only_from_sq_dist_works_blocked():
     torch.testing.assert_close(Cauchy(2.0)(X, X[:7], memory_gb=1e-6), expected)
 
 
-def test_default_cpu_blocks_are_capped_and_an_explicit_budget_is_used_as_given(monkeypatch):
+def test_cpu_blocks_are_capped_within_any_budget(monkeypatch):
     monkeypatch.setattr(deeprfm._memory, "CPU_KERNEL_BLOCK", 3 * 200 * 4 * 50)  # 50 rows
     X, Z = torch.randn(120, 3), torch.randn(200, 3)
     kernel = LaplaceKernel(2.0)
     assert [block.shape[0] for _, block in kernel.blocks(X, Z)] == [50, 50, 20]
-    assert [block.shape[0] for _, block in kernel.blocks(X, Z, memory_gb=1.0)] == [120]
-    torch.testing.assert_close(kernel(X, Z), kernel(X, Z, memory_gb=1.0))
+    # a large budget does not make CPU blocks larger (they would be slower); a small one is kept
+    assert [block.shape[0] for _, block in kernel.blocks(X, Z, memory_gb=1.0)] == [50, 50, 20]
+    small = 3 * 200 * 4 * 40 / 1024**3  # 40 rows
+    assert [block.shape[0] for _, block in kernel.blocks(X, Z, memory_gb=small)] == [40, 40, 40]
+    torch.testing.assert_close(kernel(X, Z), kernel(X, Z, memory_gb=small))
 
 
 def test_blocks_of_a_given_height():

@@ -1,5 +1,6 @@
 """RFM estimators: learning, scikit-learn compatibility and bad input."""
 
+import itertools
 import os
 import pickle
 
@@ -14,7 +15,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import check_estimator
 
-from deeprfm import LaplaceKernel, ModelFileError, RFMClassifier, RFMRegressor
+import deeprfm._memory
+import deeprfm._validation
+import deeprfm.rfm
+from deeprfm import DeepRFM, LaplaceKernel, ModelFileError, RFMClassifier, RFMRegressor
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +111,71 @@ def test_torch_inputs_and_float64(digits):
     np.testing.assert_array_equal(
         from_torch.predict(torch.as_tensor(X_test)), from_numpy.predict(X_test)
     )
+
+
+def test_tensors_on_the_device_are_used_where_they_are(digits, monkeypatch):
+    X_train, X_test, y_train, y_test = digits
+    X = torch.as_tensor(X_train, dtype=torch.float32)
+    # no numpy round trip: the tensors never reach numpy-based validation
+    monkeypatch.setattr(
+        deeprfm._validation, "check_array", lambda *a, **k: pytest.fail("went through numpy")
+    )
+    shared = RFMClassifier(iters=1, copy_X=False, device="cpu").fit(X, y_train)
+    assert shared.X_fit_ is X and shared.n_features_in_ == X.shape[1]
+    copied = RFMClassifier(iters=1, device="cpu").fit(X, y_train)
+    assert copied.X_fit_ is not X and copied.X_fit_.data_ptr() != X.data_ptr()
+    torch.testing.assert_close(copied.X_fit_, X)
+    X_eval = torch.as_tensor(X_test, dtype=torch.float32)
+    assert shared.score(X_eval, y_test) == copied.score(X_eval, y_test) > 0.9
+    monkeypatch.undo()
+    from_numpy = RFMClassifier(iters=1, device="cpu").fit(X_train.astype(np.float32), y_train)
+    np.testing.assert_array_equal(copied.M_, from_numpy.M_)
+    with pytest.raises(ValueError, match="X has 5 features"):
+        shared.predict(X_eval[:, :5])
+    with pytest.raises(ValueError, match="2-D tensor"):
+        RFMClassifier(iters=1).fit(X[0], y_train[:1])
+    with pytest.raises(ValueError, match="NaN"):
+        RFMClassifier(iters=1).fit(torch.full_like(X, float("nan")), y_train)
+    with pytest.raises(ValueError, match="inconsistent"):
+        RFMClassifier(iters=1).fit(X, y_train[:-1])
+
+
+def test_one_memory_budget_per_fit(digits, monkeypatch):
+    X_train, _, y_train, _ = digits
+    queries = itertools.count()  # the free memory falls by 64 MiB at every query
+    monkeypatch.setattr(
+        deeprfm._memory, "_available_host_bytes", lambda: 4 * 1024**3 - next(queries) * 2**26
+    )
+    budgets = []
+    original = deeprfm.rfm.kernel_agop
+
+    def spy(*args, memory_gb=None, **kwargs):
+        budgets.append(memory_gb)
+        return original(*args, memory_gb=memory_gb, **kwargs)
+
+    monkeypatch.setattr(deeprfm.rfm, "kernel_agop", spy)
+    model = RFMClassifier(iters=3, device="cpu").fit(X_train, y_train)
+    assert len(budgets) == 3 and len(set(budgets)) == 1
+    assert model.history_.attrs["memory_budget_gb"] == budgets[0]
+    assert budgets[0] == pytest.approx(0.3 * 4)  # 30 % of the free memory at the start
+
+
+def test_every_parameter_has_a_constraint():
+    for Estimator in (RFMClassifier, RFMRegressor, DeepRFM):
+        params = set(Estimator().get_params(deep=False))
+        constrained = set(Estimator._constraints)
+        assert constrained <= params
+        # random_state takes what check_random_state takes; feature_params is checked key by
+        # key against the feature map
+        assert params - constrained <= {"random_state", "feature_params"}
+
+
+def test_cuda_without_a_gpu_is_refused_up_front(digits):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    X_train, _, y_train, _ = digits
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        RFMClassifier(device="cuda").fit(X_train[:20], y_train[:20])
 
 
 def test_inputs_are_not_modified(digits):
