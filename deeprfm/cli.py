@@ -203,16 +203,15 @@ def _run_rfm(args: argparse.Namespace) -> None:
 
 def _run_collapse(args: argparse.Namespace) -> None:
     from deeprfm.deep import DeepRFM
+    from deeprfm.rfm import RFMClassifier
 
     X_train, X_test, y_train, y_test = _load_splits(args)
     model = DeepRFM(
+        layer=RFMClassifier(bandwidth=args.bandwidth, reg=args.reg, iters=1, targets=args.targets),
         layers=args.layers,
         width=args.width,
         feature_map=args.feature_map,
-        bandwidth=args.bandwidth,
-        reg=args.reg,
         normalize_rows=None if args.normalize_rows == "none" else args.normalize_rows,
-        targets=args.targets,
         device=args.device,
         random_state=args.seed,
         verbose=True,

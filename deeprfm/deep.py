@@ -2,7 +2,8 @@
 
 Layer l takes features X_l (the inputs for l = 0, else the previous layer's random
 features; by default rows scaled to unit norm on entering every layer, as in the paper's code),
-fits an RFM on (X_l, y), takes its learned metric M_l (the normalised AGOP), projects
+fits a clone of the layer estimator (an RFM) on (X_l, y) through its public ``fit``, takes its
+learned metric M_l (the normalised AGOP), projects
 X̃_l = X_l M_l^{1/2} and maps X_{l+1} = φ_l(X̃_l) with a random feature map. Every layer's
 RFM is a predictor; the last one's is the model's. The neural-collapse metrics of X_l, X̃_l and
 φ_l(X̃_l) are recorded at every layer (Beaglehole, Súkeník, Mondelli, Belkin, NeurIPS 2024).
@@ -16,32 +17,36 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import xarray as xr
-from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin, clone, is_classifier
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
 from analysis import collapse_metrics
-from deeprfm._classes import (
-    check_classes,
-    check_targets,
-    class_codes,
-    decision_scores,
-    encode_labels,
-    known_labels,
-)
+from deeprfm._classes import check_classes, decision_scores, encode_labels, known_labels
 from deeprfm._diagnostics import check_outputs
-from deeprfm._memory import check_fits, memory_budget, resolve_device, resolve_dtype
+from deeprfm._memory import Compute, check_fits, check_memory_gb, resolve_device, resolve_dtype
 from deeprfm._records import labelled_record
-from deeprfm._validation import as_numpy, check_bool, check_number, to_tensor
+from deeprfm._validation import (
+    Constraint,
+    Flag,
+    Number,
+    OneOf,
+    Rule,
+    check_number,
+    check_params,
+    estimator_inputs,
+    eval_set_inputs,
+)
 from deeprfm.agop import psd_power
+from deeprfm.deep_layer import STAGES, DeepRFMLayer, unit_rows
 from deeprfm.features import FEATURE_MAPS, RandomFeatureMap
-from deeprfm.kernels import Kernel, make_kernel
+from deeprfm.kernels import make_kernel
 from deeprfm.persist import (
     check_tensors,
     jsonable_params,
@@ -51,25 +56,16 @@ from deeprfm.persist import (
     restore_params,
     save_state,
 )
-from deeprfm.rfm import RFMClassifier, check_eval_set, metric_bytes
+from deeprfm.rfm import RFMClassifier, metric_bytes
 
 __all__ = ["DeepRFM", "DeepRFMLayer", "unit_rows"]
 
 logger = logging.getLogger("deeprfm")
 
-#: RFM parameters a DeepRFM passes through to every layer, with their defaults.
-_RFM_DEFAULTS = {
-    name: RFMClassifier().get_params()[name]
-    for name in (
-        "exponent",
-        "diag",
-        "centering",
-        "agop_power",
-        "agop_samples",
-        "normalize",
-    )
-}
-STAGES = ("input", "projected", "features")
+#: Settings of the whole model that DeepRFM sets on every layer's clone.
+_SHARED_SETTINGS = ("device", "dtype", "memory_gb")
+#: Layer estimators a saved DeepRFM may name.
+_LAYER_ESTIMATORS = {"RFMClassifier": RFMClassifier}
 #: Where ``normalize_rows`` scales rows to unit norm: on entering every layer, only the first.
 ROW_NORMALIZATIONS = ("every_layer", "input", None)
 _LAYER_ATTRS = {
@@ -93,69 +89,36 @@ _LAYER_ATTRS = {
 }
 
 
-@dataclass
-class DeepRFMLayer:
-    """One fitted layer.
-
-    Attributes
-    ----------
-    M : torch.Tensor, shape (d_l, d_l)
-        Learned metric of the layer's RFM (its normalised AGOP).
-    M_sqrt : torch.Tensor, shape (d_l, d_l)
-        M^{1/2}, the projection applied to the layer's input.
-    feature_map : RandomFeatureMap
-        Map from the projected input (d_l) to the next layer's features (width).
-    alpha : torch.Tensor, shape (n_train, n_classes)
-        Coefficients of the layer's RFM; its centres are the training inputs of the layer.
-    history : xarray.Dataset
-        The layer RFM's per-iteration history.
-    """
-
-    M: torch.Tensor
-    M_sqrt: torch.Tensor
-    feature_map: RandomFeatureMap
-    alpha: torch.Tensor
-    history: xr.Dataset
-
-    def project(self, X: torch.Tensor) -> torch.Tensor:
-        """X̃ = X M^{1/2}, shape (n, d_l)."""
-        return X @ self.M_sqrt
-
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        """Next layer's features φ(X M^{1/2}), shape (n, width)."""
-        return self.feature_map.transform(self.project(X))
-
-    def stages(self, X: torch.Tensor, upto: str = "features") -> dict[str, torch.Tensor]:
-        """The layer's stages of features X (n, d_l) entering it, up to the stage ``upto``.
-
-        Returns ``{"input": X, "projected": X M^{1/2}, "features": φ(X M^{1/2})}``, without the
-        stages after ``upto``.
-        """
-        stages = {"input": X}
-        if upto != "input":
-            stages["projected"] = self.project(X)
-        if upto == "features":
-            stages["features"] = self.feature_map.transform(stages["projected"])
-        return stages
-
-
-def unit_rows(X: torch.Tensor) -> torch.Tensor:
-    """Rows of X (n, d) scaled to unit Euclidean norm; zero rows stay zero.
-
-    Each row is first divided by its largest absolute entry, so that norms of huge (float32
-    1e20) or tiny rows neither overflow nor underflow. Returns a new tensor.
-    """
-    peak = X.abs().amax(dim=1, keepdim=True)
-    X = X / torch.where(peak > 0, peak, torch.ones_like(peak))
-    norms = torch.linalg.vector_norm(X, dim=1, keepdim=True)
-    return X / torch.where(norms > 0, norms, torch.ones_like(norms))
+def _check_layer_estimator(layer) -> None:
+    """Raise TypeError unless ``layer`` is None or an RFM classifier DeepRFM can compose."""
+    if layer is None:
+        return
+    if not (isinstance(layer, BaseEstimator) and is_classifier(layer)):
+        raise TypeError(f"layer must be a classifier such as RFMClassifier, got {layer!r}")
+    missing = {"copy_X", "random_state", *_SHARED_SETTINGS} - set(layer.get_params())
+    if missing:
+        raise TypeError(
+            f"layer must be an RFM classifier with the parameters {sorted(missing)} "
+            f"(such as RFMClassifier), got {type(layer).__name__}"
+        )
 
 
 class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
-    """Deep Recursive Feature Machine classifier.
+    """Deep Recursive Feature Machine classifier: a meta-estimator over a layer estimator.
+
+    Every layer fits a clone of ``layer`` (an RFM) on the features entering it, projects them
+    with the square root of its learned metric and maps them with random features.
 
     Parameters
     ----------
+    layer : RFMClassifier, optional
+        The estimator fitted in every layer, cloned per layer (default
+        ``RFMClassifier(iters=1)``, the paper's one AGOP iteration). Its parameters are
+        reachable as ``layer__bandwidth``, ``layer__reg``, ``layer__targets`` (``"pm1"``: the
+        paper's ±1 codes), ... in ``get_params``/``set_params`` and grid searches. DeepRFM
+        sets ``random_state`` (one seed per layer, from DeepRFM's) and ``copy_X=False`` on
+        each clone, and its own ``device``, ``dtype`` and ``memory_gb``; a layer whose own
+        values of these three differ from their defaults and from DeepRFM's is refused.
     layers : int
         Number of layers L ≥ 1.
     width : int or None
@@ -168,34 +131,19 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
         Keyword arguments of the layer's feature map besides ``width``: ``{"init": "torch",
         "bias": False}`` for ReLU features (the paper's ``nn.Linear`` weights), ``{"scale":
         0.5}`` for Laplace features (the paper's γ). An unknown key raises ``ValueError``.
-    kernel : {"laplace", "gaussian", "gen_laplace"} or Kernel
-        Kernel of every layer's RFM.
-    bandwidth : float
-        Kernel bandwidth L > 0.
-    reg : float
-        Ridge λ ≥ 0 of every layer's RFM.
-    rfm_iters : int
-        AGOP iterations of every layer's RFM (the paper uses 1).
     normalize_rows : {"every_layer", "input", None}
         Scale every row to unit Euclidean norm on entering every layer (the paper's code),
         only before the first layer, or never.
-    targets : {"onehot", "pm1"}
-        Regression codes of the classes in every layer's RFM: one-hot {0, 1} or ±1 (the
-        paper's). ``predict`` is the argmax either way.
-    solver : {"auto", "direct", "eigenpro"}
-        Kernel solver of every layer ("auto": EigenPro when the direct solve does not fit).
     device : str or torch.device, optional
-        Computation device; default CUDA when available, else CPU.
+        Computation device of every layer; default CUDA when available, else CPU.
     dtype : torch.float32 or torch.float64
     memory_gb : float, optional
-        Memory budget of the blocked computations.
+        Memory budget in GiB (docs/design.md, *The memory-budget contract*), resolved once per
+        ``fit`` and given to every layer.
     random_state : int, optional
-        Seeds the random feature maps, the AGOP subsamples and iterative solvers.
+        Seeds the random feature maps and every layer's estimator.
     verbose : bool
         Progress bar over layers.
-    **rfm_params
-        Further RFM parameters applied in every layer: ``exponent``, ``diag``, ``centering``,
-        ``agop_power``, ``agop_samples``, ``normalize``.
 
     Attributes
     ----------
@@ -212,86 +160,61 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
     n_features_in_ : int
     """
 
+    _constraints: ClassVar[dict[str, Constraint]] = {
+        "layer": Rule(_check_layer_estimator),
+        "layers": Number(integer=True, low=1),
+        "width": Number(integer=True, low=1, optional=True),
+        "feature_map": OneOf(tuple(FEATURE_MAPS)),
+        "normalize_rows": OneOf(ROW_NORMALIZATIONS),
+        "device": Rule(resolve_device),
+        "dtype": Rule(resolve_dtype),
+        "memory_gb": Rule(check_memory_gb),
+        "verbose": Flag(),
+    }
+
     def __init__(
         self,
+        layer: RFMClassifier | None = None,
         layers: int = 5,
         width: int | None = 1024,
         feature_map: str = "relu",
-        kernel: str | Kernel = "laplace",
-        bandwidth: float = 10.0,
-        reg: float = 1e-3,
-        rfm_iters: int = 1,
+        feature_params: dict | None = None,
         normalize_rows: str | None = "every_layer",
-        solver="auto",
         device: str | torch.device | None = None,
         dtype: torch.dtype | str = torch.float32,
         memory_gb: float | None = None,
         random_state: int | None = None,
         verbose: bool = False,
-        feature_params: dict | None = None,
-        targets: str = "onehot",
-        **rfm_params,
     ) -> None:
-        unknown = sorted(set(rfm_params) - set(_RFM_DEFAULTS))
-        if unknown:
-            raise TypeError(
-                f"DeepRFM got unexpected keyword arguments {unknown}; "
-                f"RFM parameters it passes on are {sorted(_RFM_DEFAULTS)}"
-            )
+        self.layer = layer
         self.layers = layers
         self.width = width
         self.feature_map = feature_map
-        self.kernel = kernel
-        self.bandwidth = bandwidth
-        self.reg = reg
-        self.rfm_iters = rfm_iters
+        self.feature_params = feature_params
         self.normalize_rows = normalize_rows
-        self.solver = solver
         self.device = device
         self.dtype = dtype
         self.memory_gb = memory_gb
         self.random_state = random_state
         self.verbose = verbose
-        self.feature_params = feature_params
-        self.targets = targets
-        for name, default in _RFM_DEFAULTS.items():
-            setattr(self, name, rfm_params.get(name, default))
-
-    def get_params(self, deep: bool = True) -> dict:
-        """Parameters, including the RFM parameters passed through ``**rfm_params``."""
-        return super().get_params(deep) | {name: getattr(self, name) for name in _RFM_DEFAULTS}
 
     # -- fitting -------------------------------------------------------------------------
 
-    def _layer_rfm(self, seed: int) -> RFMClassifier:
-        return RFMClassifier(
-            kernel=self.kernel,
-            bandwidth=self.bandwidth,
-            reg=self.reg,
-            iters=self.rfm_iters,
-            solver=self.solver,
-            early_stopping=False,
-            device=self.device,
-            dtype=self.dtype,
-            memory_gb=self.memory_gb,
-            random_state=seed,
-            targets=self.targets,
-            **{name: getattr(self, name) for name in _RFM_DEFAULTS},
-        )
-
-    def _check_params(self) -> None:
-        check_number(self.layers, "layers", integer=True, low=1)
-        if self.width is not None:
-            check_number(self.width, "width", integer=True, low=1)
-        check_number(self.rfm_iters, "rfm_iters", integer=True, low=0)
-        if self.normalize_rows not in ROW_NORMALIZATIONS:
-            raise ValueError(
-                f"normalize_rows must be one of {ROW_NORMALIZATIONS}, got {self.normalize_rows!r}"
-            )
-        check_targets(self.targets)
-        check_bool(self.verbose, "verbose")
-        self._feature_map(1)  # validates feature_map and feature_params
-        make_kernel(self.kernel, self.bandwidth, self.exponent)
+    def _check_params(self) -> BaseEstimator:
+        """Check the parameters; the layer estimator (a fresh default when ``layer`` is None)."""
+        check_params(self, self._constraints)
+        self._feature_map(1)  # validates feature_params
+        layer = RFMClassifier(iters=1) if self.layer is None else self.layer
+        defaults, given = type(layer)().get_params(), layer.get_params()
+        for name in _SHARED_SETTINGS:
+            value, default = _setting(name, given[name]), _setting(name, defaults[name])
+            if value != default and value != _setting(name, getattr(self, name)):
+                raise ValueError(
+                    f"layer__{name}={given[name]!r} differs from DeepRFM's {name}="
+                    f"{getattr(self, name)!r}; DeepRFM sets device, dtype and memory_gb on "
+                    "every layer: give them to DeepRFM"
+                )
+        return layer
 
     def _feature_map(self, n_features: int) -> RandomFeatureMap:
         """An unfitted feature map for a layer whose input has ``n_features`` dimensions."""
@@ -334,30 +257,48 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
         -------
         self
         """
-        self._check_params()
-        X, y = validate_data(self, as_numpy(X), as_numpy(y), dtype=[np.float64, np.float32])
+        template = self._check_params()
+        compute = Compute.resolve(self.device, self.dtype, self.memory_gb)
+        # X_fit_ is the model's own: a copy, or the new tensor of the row normalisation
+        X, y = estimator_inputs(
+            self,
+            X,
+            y,
+            device=compute.device,
+            dtype=compute.dtype,
+            reset=True,
+            copy=self.normalize_rows is None,
+        )
         self.classes_, labels = encode_labels(y)
-        H = self._inputs(X)
-        Y = to_tensor(class_codes(labels, len(self.classes_), self.targets), H.device, H.dtype)
+        H = self._rescale(X, 0)
         evaluation = None
         if eval_set is not None:
-            X_val, y_val = check_eval_set(eval_set, self.n_features_in_)
-            evaluation = (self._inputs(X_val), known_labels(y_val, self.classes_))
-        self._check_memory(H)
+            X_val, y_val = eval_set_inputs(
+                eval_set, self.n_features_in_, compute.device, compute.dtype
+            )
+            evaluation = (self._rescale(X_val, 0), y_val, known_labels(y_val, self.classes_))
+        self._check_memory(H, compute)
         rng = check_random_state(self.random_state)
         generator = torch.Generator().manual_seed(int(rng.randint(2**31 - 1)))
-        self.X_fit_ = H.clone() if self.normalize_rows is None else H  # never the caller's
+        self.X_fit_ = H
         self.layers_, records = [], []
-        for layer in tqdm(range(self.layers), desc="Deep RFM", disable=not self.verbose):
+        for index in tqdm(range(self.layers), desc="Deep RFM", disable=not self.verbose):
+            estimator = clone(template).set_params(
+                random_state=int(rng.randint(2**31 - 1)),
+                copy_X=False,  # H is DeepRFM's own tensor: no second copy of the features
+                device=compute.device,
+                dtype=compute.dtype,
+                memory_gb=compute.memory_gb,
+            )
             record, H, evaluation = self._fit_layer(
-                H, Y, labels, evaluation, int(rng.randint(2**31 - 1)), generator
+                estimator, H, (y, labels), evaluation, generator
             )
             records.append(record)
-            logger.info("Deep RFM layer %d: train acc %.4f", layer, record["train_acc"])
+            logger.info("Deep RFM layer %d: train acc %.4f", index, record["train_acc"])
         self.collapse_ = self._collapse_dataset(records)
         return self
 
-    def _check_memory(self, H: torch.Tensor) -> None:
+    def _check_memory(self, H: torch.Tensor, compute: Compute) -> None:
         """Refuse up front a width whose layers cannot fit (see :func:`check_fits`)."""
         n, d = H.shape
         if self.width is None:  # every layer as wide as the input: the RFM's check covers it
@@ -370,45 +311,51 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
         )
         check_fits(
             needed,
-            memory_budget(self.memory_gb, H.device),
-            H.device,
+            compute.budget,
+            compute.device,
             f"DeepRFM(width={width}) on {n} points (a layer's features, random weights and "
             "the next layer's d x d metric)",
             "use a smaller width or a larger memory_gb",
         )
 
-    def _fit_layer(self, H, Y, labels, evaluation, seed, generator):
-        """Fit one layer on the features H (n, d_l) entering it.
+    def _fit_layer(self, estimator, H, targets, evaluation, generator):
+        """Fit one layer's ``estimator`` on the features H (n, d_l) entering it.
 
-        Returns the layer's record, the training features entering the next layer and the
-        eval_set pair (features entering the next layer, labels).
+        ``targets`` holds the labels and their class indices; ``evaluation`` the eval_set's
+        features entering the layer, labels and class indices (or None). Returns the layer's
+        record, the training features entering the next layer and the next ``evaluation``.
         """
         start = time.perf_counter()
         index = len(self.layers_)
-        rfm = self._layer_rfm(seed)
-        rfm._fit_encoded(H, Y, self.classes_)
+        y, labels = targets
+        estimator.fit(H, y)
         fitted = time.perf_counter()
         feature_map = self._feature_map(H.shape[1])
         feature_map.fit(H.shape[1], generator=generator, device=H.device, dtype=H.dtype)
+        M = torch.as_tensor(estimator.M_, dtype=H.dtype, device=H.device)
         layer = DeepRFMLayer(
-            rfm._M_fit, psd_power(rfm._M_fit, 0.5), feature_map, rfm._alpha_fit, rfm.history_
+            M,
+            psd_power(M, 0.5),
+            feature_map,
+            torch.as_tensor(estimator.alpha_, dtype=H.dtype, device=H.device),
+            estimator.kernel_,
+            estimator.history_,
         )
         self.layers_.append(layer)
         stages = layer.stages(H)
         mapped = time.perf_counter()
         record = {
-            "train_acc": float(rfm.history_["train_acc"][rfm.best_iter_]),
+            "train_acc": float(estimator.history_["train_acc"][estimator.best_iter_]),
             "train": {name: collapse_metrics(f, labels) for name, f in stages.items()},
         }
         if evaluation is not None:
-            H_val, labels_val = evaluation
-            outputs = rfm.kernel_.apply(H_val, H, rfm._alpha_fit, rfm._M_fit)
-            record["eval_acc"] = float((outputs.argmax(dim=1).cpu().numpy() == labels_val).mean())
+            H_val, y_val, labels_val = evaluation
+            record["eval_acc"] = float(estimator.score(H_val, y_val))
             val_stages = layer.stages(H_val)
             record["eval"] = {
                 name: collapse_metrics(f, labels_val) for name, f in val_stages.items()
             }
-            evaluation = (self._rescale(val_stages["features"], index + 1), labels_val)
+            evaluation = (self._rescale(val_stages["features"], index + 1), y_val, labels_val)
         end = time.perf_counter()
         record |= {
             "rfm_seconds": fitted - start,
@@ -441,15 +388,13 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
 
     # -- transforming and predicting -----------------------------------------------------
 
-    def _inputs(self, X: np.ndarray) -> torch.Tensor:
-        """Validated inputs as a tensor on the device, as they enter layer 0."""
-        H = to_tensor(X, resolve_device(self.device), resolve_dtype(self.dtype))
-        return self._rescale(H, 0)
-
     def _new_inputs(self, X) -> torch.Tensor:
+        """New inputs (an array or a tensor) as they enter layer 0, on the fitted device."""
         check_is_fitted(self, "layers_")
-        X = validate_data(self, as_numpy(X), reset=False, dtype=[np.float64, np.float32])
-        return self._inputs(X)
+        X, _ = estimator_inputs(
+            self, X, device=self.X_fit_.device, dtype=self.X_fit_.dtype, reset=False
+        )
+        return self._rescale(X, 0)
 
     def transform(self, X, layer: int = -1, stage: str = "input") -> np.ndarray:
         """Features of new data at a layer.
@@ -486,11 +431,10 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
 
     def _layer_outputs(self, X, upto: int):
         """Yield each layer's RFM outputs (n, c) for layers 0..upto, one layer at a time."""
-        kernel = make_kernel(self.kernel, self.bandwidth, self.exponent)
         H, centres = self._new_inputs(X), self.X_fit_
         for index, fitted in enumerate(self.layers_[: upto + 1]):
             yield check_outputs(
-                kernel.apply(H, centres, fitted.alpha, fitted.M, memory_gb=self.memory_gb)
+                fitted.kernel.apply(H, centres, fitted.alpha, fitted.M, memory_gb=self.memory_gb)
             )
             if index < upto:
                 H = self._rescale(fitted.forward(H), index + 1)
@@ -543,11 +487,10 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
         """Load a model written by :meth:`save` (``torch.load(weights_only=True)``)."""
         config, tensors = load_state(path, "DeepRFM")
         with model_file_errors(path):
-            params = restore_params(config["params"], device)
-            if isinstance(params["normalize_rows"], bool):  # written before the option's names
-                params["normalize_rows"] = "input" if params["normalize_rows"] else None
+            params = restore_params(_upgrade_params(config["params"]), device, _LAYER_ESTIMATORS)
             model = cls(**params)
-            model._check_params()
+            template = model._check_params()
+            kernel = make_kernel(template.kernel, template.bandwidth, template.exponent)
             model.classes_ = check_classes(config["classes"])
             maps = [_map_class(entry) for entry in config["feature_maps"]]
             if len(maps) != len(config["histories"]):
@@ -578,11 +521,51 @@ class DeepRFM(ClassifierMixin, TransformerMixin, BaseEstimator):
                         psd_power(M, 0.5),
                         RandomFeatureMap.from_state_dict(map_config, state),
                         tensors[f"layer{i}.alpha"].to(device=device, dtype=dtype),
+                        kernel,
                         xr.Dataset.from_dict(history),
                     )
                 )
             model.collapse_ = xr.Dataset.from_dict(config["collapse"])
         return model
+
+
+#: RFM options a DeepRFM file written before ``layer`` existed holds among its own parameters.
+_OLD_LAYER_OPTIONS = (
+    "kernel",
+    "bandwidth",
+    "reg",
+    "solver",
+    "targets",
+    "exponent",
+    "diag",
+    "centering",
+    "agop_power",
+    "agop_samples",
+    "normalize",
+)
+
+
+def _upgrade_params(params: dict) -> dict:
+    """Saved parameters in today's form: files written before DeepRFM composed a layer
+    estimator hold the RFM options (``rfm_iters`` for ``iters``) among their own, and files
+    older still a boolean ``normalize_rows``."""
+    params = dict(params)
+    if isinstance(params.get("normalize_rows"), bool):
+        params["normalize_rows"] = "input" if params["normalize_rows"] else None
+    if "layer" not in params:
+        options = {name: params.pop(name) for name in _OLD_LAYER_OPTIONS if name in params}
+        options["iters"] = params.pop("rfm_iters", 1)
+        params["layer"] = {"estimator": "RFMClassifier", "params": options}
+    return params
+
+
+def _setting(name: str, value):
+    """A device, dtype or budget in one form, for comparing a layer's with DeepRFM's."""
+    if value is None:
+        return None
+    if name == "dtype":
+        return resolve_dtype(value)
+    return torch.device(value) if name == "device" else value
 
 
 def _map_class(config: dict) -> type[RandomFeatureMap]:

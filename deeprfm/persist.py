@@ -196,14 +196,21 @@ def check_tensors(
 def jsonable_params(estimator) -> dict:
     """An estimator's constructor parameters as JSON values, to rebuild it with ``cls(**p)``.
 
-    The dtype is stored by name and the device as a string; a :class:`~deeprfm.Kernel`
-    instance cannot be stored (give the kernel by name to save a model).
+    The dtype is stored by name and the device as a string; a nested estimator (a parameter
+    that has ``get_params``, such as ``DeepRFM``'s ``layer``) as ``{"estimator": class name,
+    "params": its parameters}``; a :class:`~deeprfm.Kernel` instance cannot be stored (give the
+    kernel by name to save a model).
     """
-    params = estimator.get_params()
-    if not isinstance(params["kernel"], str):
+    params = estimator.get_params(deep=False)
+    if not isinstance(params.get("kernel", ""), str):
         raise TypeError("save needs the kernel given by name, not as a Kernel instance")
-    params["dtype"] = str(resolve_dtype(params["dtype"])).removeprefix("torch.")
-    params["device"] = None if params["device"] is None else str(params["device"])
+    for name, value in params.items():
+        if hasattr(value, "get_params"):
+            params[name] = {"estimator": type(value).__name__, "params": jsonable_params(value)}
+    if "dtype" in params:
+        params["dtype"] = str(resolve_dtype(params["dtype"])).removeprefix("torch.")
+    if "device" in params:
+        params["device"] = None if params["device"] is None else str(params["device"])
     return params
 
 
@@ -212,10 +219,31 @@ def params_json(estimator) -> str:
     return json.dumps(estimator.get_params(), default=str)
 
 
-def restore_params(params: dict, device) -> dict:
-    """Undo :func:`jsonable_params`: the dtype back to a torch dtype; ``device`` overrides
-    the saved device unless it is None."""
-    restored = params | {"dtype": resolve_dtype(params["dtype"])}
+def restore_params(params: dict, device, estimators: Mapping[str, type] | None = None) -> dict:
+    """Undo :func:`jsonable_params`: the dtype back to a torch dtype, nested estimators rebuilt.
+
+    Parameters
+    ----------
+    params : dict
+        What :func:`jsonable_params` wrote.
+    device : str, torch.device or None
+        Overrides the saved device unless None (nested estimators keep theirs).
+    estimators : mapping of str to type, optional
+        The classes a nested estimator may name; any other name is refused (no code is looked
+        up by a name read from a file).
+    """
+    restored = dict(params)
+    for name, value in params.items():
+        if isinstance(value, dict) and set(value) == {"estimator", "params"}:
+            known = estimators or {}
+            if value["estimator"] not in known:
+                raise ValueError(
+                    f"{name}: unknown estimator {value['estimator']!r}; known: {sorted(known)}"
+                )
+            nested = restore_params(value["params"], None, estimators)
+            restored[name] = known[value["estimator"]](**nested)
+    if "dtype" in params:
+        restored["dtype"] = resolve_dtype(params["dtype"])
     if device is not None:
         restored["device"] = device
     return restored

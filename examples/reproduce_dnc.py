@@ -40,7 +40,7 @@ from _example import example_parser, output_dir
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from deeprfm import DeepRFM
+from deeprfm import DeepRFM, RFMClassifier
 from deeprfm.data import load_dataset
 from deeprfm.probes import NeuralProbe
 
@@ -52,7 +52,7 @@ CLASSES = 10
 VARIANTS = {
     "the paper's settings": {},
     'normalize_rows="input"': {"normalize_rows": "input"},
-    'targets="onehot"': {"targets": "onehot"},
+    'targets="onehot"': {"layer__targets": "onehot"},
     "Gaussian N(0, 1/d) weights": {"feature_params": {"init": "gaussian"}},
     "nn.Linear weights with a bias": {"feature_params": {"init": "torch", "bias": True}},
 }
@@ -67,21 +67,18 @@ def standardised_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
 
 
 def paper_deep_rfm(layers: int, seed: int, **changes) -> DeepRFM:
-    """A Deep RFM with the paper's settings (``changes`` overrides some of them)."""
-    settings = {
-        "layers": layers,
-        "width": 512,
-        "kernel": "laplace",
-        "bandwidth": 2.0,
-        "reg": 1e-3,
-        "rfm_iters": 1,
-        "feature_map": "relu",
-        "feature_params": {"init": "torch", "bias": False},
-        "normalize_rows": "every_layer",
-        "targets": "pm1",
-        "random_state": seed,
-    }
-    return DeepRFM(**(settings | changes))
+    """A Deep RFM with the paper's settings (``changes``, as ``set_params`` takes them,
+    overrides some of them)."""
+    model = DeepRFM(
+        layer=RFMClassifier(kernel="laplace", bandwidth=2.0, reg=1e-3, iters=1, targets="pm1"),
+        layers=layers,
+        width=512,
+        feature_map="relu",
+        feature_params={"init": "torch", "bias": False},
+        normalize_rows="every_layer",
+        random_state=seed,
+    )
+    return model.set_params(**changes)
 
 
 def small_init_mlp(

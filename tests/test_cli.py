@@ -67,7 +67,7 @@ def test_collapse_passes_row_normalisation_and_targets(tmp_path):
     assert result.returncode == 0, result.stderr
     with xr.open_dataset(out) as collapse:
         params = json.loads(collapse.attrs["params"])
-    assert params["normalize_rows"] is None and params["targets"] == "pm1"
+    assert params["normalize_rows"] is None and params["layer__targets"] == "pm1"
 
 
 @pytest.mark.parametrize("source", ["torchvision", "timm"])

@@ -10,9 +10,15 @@ from sklearn.base import clone
 from sklearn.utils.estimator_checks import check_estimator
 
 import analysis
-from deeprfm import DeepRFM, RFMClassifier
+from deeprfm import DeepRFM, RFMClassifier, RFMRegressor
 from deeprfm.data import load_dataset
 from deeprfm.deep import unit_rows
+
+
+def same_params(a, b) -> bool:
+    """Equal parameters, the layer estimator's compared by its own (``layer__*``) parameters."""
+    params = [{k: v for k, v in m.get_params().items() if k != "layer"} for m in (a, b)]
+    return params[0] == params[1] and type(a.layer) is type(b.layer)
 
 
 @pytest.fixture(scope="module")
@@ -108,26 +114,78 @@ def test_laplace_random_fourier_features(digits):
 def test_save_and_load_give_identical_predictions(digits, tmp_path):
     X_train, X_test, y_train, _ = digits
     names = np.array([f"digit {i}" for i in range(10)])
-    model = DeepRFM(layers=2, width=64, random_state=0, diag=True).fit(
-        X_train[:300], names[y_train[:300]]
-    )
+    model = DeepRFM(
+        layer=RFMClassifier(iters=1, diag=True), layers=2, width=64, random_state=0
+    ).fit(X_train[:300], names[y_train[:300]])
     path = tmp_path / "deep.pt"
     model.save(path)
     loaded = DeepRFM.load(path)
-    assert loaded.get_params() == model.get_params()
+    assert same_params(loaded, model)
     np.testing.assert_array_equal(loaded.decision_function(X_test), model.decision_function(X_test))
     np.testing.assert_array_equal(loaded.predict(X_test), model.predict(X_test))
     xr.testing.assert_identical(loaded.collapse_, model.collapse_)
 
 
-def test_params_pass_through_and_clone():
-    model = DeepRFM(layers=2, agop_power=0.5, centering=True)
+def test_layer_parameters_are_nested_and_each_layer_is_a_clone(digits):
+    X_train, _, y_train, _ = digits
+    layer = RFMClassifier(iters=1, agop_power=0.5, centering=True)
+    model = DeepRFM(layer=layer, layers=2, width=32, random_state=0)
     params = model.get_params()
-    assert params["agop_power"] == 0.5 and params["centering"] is True
-    assert clone(model).get_params() == params
-    assert model.set_params(diag=True).diag is True
+    assert params["layer__agop_power"] == 0.5 and params["layer__centering"] is True
+    cloned = clone(model)
+    assert cloned.layer is not layer and cloned.get_params()["layer__agop_power"] == 0.5
+    assert model.set_params(layer__diag=True).layer.diag is True
     with pytest.raises(TypeError, match="unexpected keyword"):
         DeepRFM(iters=3)
+    model.fit(X_train[:200], y_train[:200])
+    # the template is never fitted nor changed; every layer's history records its own clone
+    assert not hasattr(layer, "M_") and layer.random_state is None and layer.copy_X is True
+    seeds = [json.loads(fitted.history.attrs["params"])["random_state"] for fitted in model.layers_]
+    assert len(set(seeds)) == 2
+    for fitted in model.layers_:
+        recorded = json.loads(fitted.history.attrs["params"])
+        assert recorded["diag"] is True and recorded["agop_power"] == 0.5
+        assert recorded["copy_X"] is False and recorded["dtype"] == "torch.float32"
+
+
+def test_the_default_layer_is_one_rfm_iteration(digits):
+    X_train, _, y_train, _ = digits
+    model = DeepRFM(layers=1, width=16, random_state=0).fit(X_train[:100], y_train[:100])
+    assert model.layer is None
+    assert model.layers_[0].history.sizes["iteration"] == 2  # iteration 0 and one AGOP update
+
+
+def test_layer_settings_that_contradict_deeprfm_are_refused(digits):
+    X_train, _, y_train, _ = digits
+    X, y = X_train[:50], y_train[:50]
+    with pytest.raises(ValueError, match="layer__dtype"):
+        DeepRFM(layer=RFMClassifier(dtype=torch.float64), layers=1).fit(X, y)
+    with pytest.raises(ValueError, match="layer__memory_gb"):
+        DeepRFM(layer=RFMClassifier(memory_gb=1.0), layers=1, memory_gb=2.0).fit(X, y)
+    # the same value on both is no contradiction
+    DeepRFM(
+        layer=RFMClassifier(iters=1, dtype=torch.float64),
+        layers=1,
+        width=8,
+        dtype=torch.float64,
+    ).fit(X, y)
+    with pytest.raises(TypeError, match="layer must be a classifier"):
+        DeepRFM(layer=RFMRegressor(), layers=1).fit(X, y)
+
+
+def test_layers_fit_on_device_tensors_without_copies(digits, monkeypatch):
+    X_train, _, y_train, _ = digits
+    fitted_inputs = []
+    original_fit = RFMClassifier.fit
+
+    def recording_fit(self, X, y, **kwargs):
+        fitted_inputs.append(X)
+        return original_fit(self, X, y, **kwargs)
+
+    monkeypatch.setattr(RFMClassifier, "fit", recording_fit)
+    model = DeepRFM(layers=2, width=32, random_state=0).fit(X_train[:200], y_train[:200])
+    assert all(isinstance(X, torch.Tensor) for X in fitted_inputs)
+    assert fitted_inputs[0] is model.X_fit_  # the layer keeps DeepRFM's tensor, no copy
 
 
 @pytest.mark.parametrize(
@@ -137,13 +195,14 @@ def test_params_pass_through_and_clone():
         ({"width": 0}, ValueError, "width"),
         ({"layers": 2.5}, TypeError, "layers"),
         ({"feature_map": "tanh"}, ValueError, "feature_map"),
-        ({"bandwidth": -1.0}, ValueError, "bandwidth"),
-        ({"reg": -1.0}, ValueError, "reg"),
-        ({"exponent": 0.0}, ValueError, "exponent"),
-        ({"rfm_iters": -1}, ValueError, "rfm_iters"),
+        ({"layer": RFMClassifier(bandwidth=-1.0)}, ValueError, "bandwidth"),
+        ({"layer": RFMClassifier(reg=-1.0)}, ValueError, "reg"),
+        ({"layer": RFMClassifier(exponent=0.0)}, ValueError, "exponent"),
+        ({"layer": RFMClassifier(iters=-1)}, ValueError, "iters"),
         ({"normalize_rows": True}, ValueError, "normalize_rows"),
         ({"normalize_rows": "layer"}, ValueError, "normalize_rows"),
-        ({"targets": "ovr"}, ValueError, "targets"),
+        ({"layer": RFMClassifier(targets="ovr")}, ValueError, "targets"),
+        ({"layer": "rfm"}, TypeError, "layer must be a classifier"),
         ({"feature_params": {"sigma": 1.0}}, ValueError, "feature_params: unknown key 'sigma'"),
         ({"feature_params": {"width": 8}}, ValueError, "DeepRFM\\(width=...\\)"),
         ({"feature_params": [("bias", True)]}, TypeError, "feature_params"),
@@ -264,7 +323,9 @@ def test_pm1_targets_code_classes_as_plus_minus_one(digits):
     onehot = RFMClassifier(iters=1).fit(X, y)
     # the ±1 codes are an affine map of the one-hot codes: predictions barely move
     assert (rfm.predict(X_test) == onehot.predict(X_test)).mean() > 0.97
-    deep = DeepRFM(layers=2, width=64, targets="pm1", random_state=0).fit(X, y)
+    deep = DeepRFM(
+        layer=RFMClassifier(iters=1, targets="pm1"), layers=2, width=64, random_state=0
+    ).fit(X, y)
     assert set(deep.predict(X_test)) <= set(names)
     assert deep.layers_[0].history.attrs["params"].count('"targets": "pm1"') == 1
 
@@ -295,28 +356,35 @@ def test_save_and_load_keep_the_new_options(digits, tmp_path):
         feature_map="laplace_rff",
         feature_params={"scale": 0.5},
         normalize_rows=None,
-        targets="pm1",
+        layer=RFMClassifier(iters=1, targets="pm1"),
         random_state=0,
     ).fit(X_train[:300], y_train[:300])
     model.save(tmp_path / "deep.pt")
     loaded = DeepRFM.load(tmp_path / "deep.pt")
-    assert loaded.get_params() == model.get_params()
+    assert same_params(loaded, model)
     np.testing.assert_array_equal(loaded.decision_function(X_test), model.decision_function(X_test))
 
 
-def test_files_with_a_boolean_normalize_rows_load_as_input_normalisation(digits, tmp_path):
+def test_files_written_before_the_layer_estimator_load(digits, tmp_path):
     X_train, X_test, y_train, _ = digits
-    model = DeepRFM(layers=2, width=32, normalize_rows="input", random_state=0)
+    layer = RFMClassifier(iters=1, bandwidth=8.0, reg=1e-2)
+    model = DeepRFM(layer=layer, layers=2, width=32, normalize_rows="input", random_state=0)
     model.fit(X_train[:200], y_train[:200]).save(tmp_path / "deep.pt")
     state = torch.load(tmp_path / "deep.pt", weights_only=True)
     config = json.loads(state["config"])
-    config["params"]["normalize_rows"] = True  # as written before the option took names
-    for name in ("feature_params", "targets"):
-        del config["params"][name]
+    # as written before DeepRFM composed a layer: the RFM options among its own parameters
+    # (rfm_iters for iters), and before normalize_rows took names or feature_params existed
+    params, layer_params = config["params"], config["params"].pop("layer")["params"]
+    for name in ("kernel", "bandwidth", "reg", "solver", "exponent", "diag", "normalize"):
+        params[name] = layer_params[name]
+    params["rfm_iters"] = layer_params["iters"]
+    params["normalize_rows"] = True
+    del params["feature_params"]
     state["config"] = json.dumps(config)
     torch.save(state, tmp_path / "old.pt")
     loaded = DeepRFM.load(tmp_path / "old.pt")
     assert loaded.normalize_rows == "input"
+    assert loaded.layer.bandwidth == 8.0 and loaded.layer.reg == 1e-2 and loaded.layer.iters == 1
     np.testing.assert_array_equal(loaded.decision_function(X_test), model.decision_function(X_test))
 
 
@@ -324,10 +392,6 @@ def test_files_with_a_boolean_normalize_rows_load_as_input_normalisation(digits,
 _EXPECTED_FAILURES = {
     # the dtype parameter defaults to torch.float32, a type scikit-learn's check does not know
     "check_parameters_default_constructible": "dtype defaults to torch.float32",
-    # the RFM options passed through **rfm_params are set in __init__ and cannot be listed in
-    # its signature; DeepRFM(layer=RFMClassifier(...)) as a meta-estimator will remove both
-    "check_no_attributes_set_in_init": "RFM options given through **rfm_params",
-    "check_do_not_raise_errors_in_init_or_set_params": "RFM options given through **rfm_params",
 }
 
 
