@@ -12,6 +12,7 @@ matrix multiplication: no loop over points or classes.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Literal
@@ -21,13 +22,22 @@ import torch
 from analysis import psd_power
 from analysis._common import user_stacklevel
 from deeprfm._memory import memory_budget, rows_per_block
-from deeprfm._validation import seeded_generator
+from deeprfm._validation import check_number, seeded_generator
 from deeprfm.kernels import Kernel, _sq_distances_from, m_sq_norms
 
-__all__ = ["agop", "kernel_agop", "normalize_matrix", "psd_power"]
+__all__ = [
+    "DEFAULT_PROJECTIONS",
+    "OutputProjections",
+    "agop",
+    "check_agop_outputs",
+    "kernel_agop",
+    "normalize_matrix",
+    "psd_power",
+]
 
 Normalization = Literal["max", "trace", "spectral"] | None
-_NORMALIZATIONS = ("max", "trace", "spectral", None)
+#: The scalings of M that ``normalize`` can name (None: unscaled).
+NORMALIZATIONS = ("max", "trace", "spectral", None)
 #: Smallest block of evaluation points worth a pass over the centres.
 _MIN_POINT_BLOCK = 64
 #: Smallest block of centres worth a matrix product.
@@ -152,8 +162,8 @@ def normalize_matrix(A: torch.Tensor, method: Normalization = "max") -> torch.Te
     torch.Tensor, shape (d, d)
         A new matrix; ``A`` itself if it is zero (with a warning) or ``method`` is None.
     """
-    if method not in _NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {_NORMALIZATIONS}, got {method!r}")
+    if method not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {method!r}")
     if method is None:
         return A
     if method == "max":
@@ -173,11 +183,81 @@ def normalize_matrix(A: torch.Tensor, method: Normalization = "max") -> torch.Te
     return A / scale
 
 
+#: Random projections of the outputs that ``agop_outputs="random"`` draws per sample.
+DEFAULT_PROJECTIONS = 16
+
+AgopOutputs = Literal["exact", "random"] | int
+
+
+def check_agop_outputs(agop_outputs: AgopOutputs) -> int | None:
+    """The number of random output projections ``agop_outputs`` asks for; None for exact.
+
+    ``"exact"``: one cotangent per output (None); ``"random"``: :data:`DEFAULT_PROJECTIONS`;
+    an int k ≥ 1: k projections. Anything else raises TypeError/ValueError naming
+    ``agop_outputs``.
+    """
+    if isinstance(agop_outputs, str):
+        if agop_outputs == "exact":
+            return None
+        if agop_outputs == "random":
+            return DEFAULT_PROJECTIONS
+        raise ValueError(
+            f"agop_outputs: expected 'exact', 'random' or a positive int, got {agop_outputs!r}"
+        )
+    check_number(agop_outputs, "agop_outputs", integer=True, low=1)
+    return int(agop_outputs)
+
+
+#: Samples per chunk of random projections drawn at once (the draws of a sample must not depend
+#: on how the samples are batched, and torch's Gaussian sampler draws a tensor as a whole).
+_PROJECTION_CHUNK = 64
+
+
+class OutputProjections:
+    """The cotangents of the AGOP's outputs, batch by batch: the one draw policy of the library.
+
+    Exact (``agop_outputs="exact"``): the c unit vectors, the same for every sample. Random
+    (an int k, or ``"random"``): for every sample, k independent Gaussian vectors
+    v ~ N(0, I/k), so that E[Σ_j Jᵀv_j v_jᵀJ] = JᵀJ (unbiased). Samples take their draws in the
+    order they come from one float64 stream on the CPU, seeded by ``random_state`` and drawn in
+    chunks of a fixed number of samples: the draws of a sample do not depend on the batch sizes,
+    so an estimate depends on ``random_state`` only. Used by :func:`agop` and by
+    :class:`~deeprfm.probes.NeuralProbe`.
+
+    Parameters
+    ----------
+    agop_outputs : "exact", "random" or int
+    random_state : int, optional
+    """
+
+    def __init__(self, agop_outputs: AgopOutputs = "exact", random_state: int | None = None):
+        self.projections = check_agop_outputs(agop_outputs)
+        self.generator = seeded_generator(random_state)
+        self._drawn = torch.empty(0, 0, 0, dtype=torch.float64)  # (samples, k, c) not yet used
+
+    def cotangents(self, batch: int, outputs: int, like: torch.Tensor) -> torch.Tensor:
+        """Cotangents (k, batch, outputs) for the next ``batch`` samples, in ``like``'s dtype
+        and on its device (k = outputs when exact)."""
+        if self.projections is None:
+            eye = torch.eye(outputs, dtype=like.dtype, device=like.device)
+            return eye[:, None, :].expand(outputs, batch, outputs)
+        chunks = [self._drawn]
+        available = self._drawn.shape[0]
+        while available < batch:
+            shape = (_PROJECTION_CHUNK, self.projections, outputs)
+            chunks.append(torch.randn(shape, generator=self.generator, dtype=torch.float64))
+            available += _PROJECTION_CHUNK
+        drawn = torch.cat([c.reshape(-1, self.projections, outputs) for c in chunks])
+        self._drawn = drawn[batch:]
+        scaled = drawn[:batch].transpose(0, 1) / math.sqrt(self.projections)
+        return scaled.to(dtype=like.dtype, device=like.device)
+
+
 def agop(
     fn: Callable[[torch.Tensor], torch.Tensor],
     X: torch.Tensor,
     *,
-    outputs: Literal["exact"] | int = "exact",
+    agop_outputs: AgopOutputs = "exact",
     centering: bool = False,
     batch_size: int = 256,
     random_state: int | None = None,
@@ -192,11 +272,14 @@ def agop(
     X : torch.Tensor, shape (n, ...)
         Points at which the gradients are averaged; the gradient is taken with respect to
         the flattened input, of size D = prod(X.shape[1:]).
-    outputs : "exact" or int
-        ``"exact"``: one vector-Jacobian product per output. An integer k: k Gaussian random
-        projections of the outputs (unbiased, E[Jᵀv vᵀJ] = JᵀJ), for many outputs.
+    agop_outputs : "exact", "random" or int
+        ``"exact"``: one vector-Jacobian product per output. An int k (``"random"``:
+        :data:`DEFAULT_PROJECTIONS`): k Gaussian random projections of the outputs per sample,
+        drawn as :class:`OutputProjections` says (unbiased, E[Jᵀv vᵀJ] = JᵀJ), for many outputs.
+        The same parameter as :class:`~deeprfm.probes.NeuralProbe`'s.
     centering : bool
-        Subtract the mean gradient (per output, or per projection) first.
+        Subtract the mean gradient (per output; with random projections, of the projected
+        gradients, which estimates the same matrix) first.
     batch_size : int
         Points per vectorised batch.
     random_state : int, optional
@@ -207,25 +290,19 @@ def agop(
     torch.Tensor, shape (D, D)
         (1/n) Σ_x J(x)ᵀ J(x), J(x) the (c, D) Jacobian of fn at x.
     """
-    if outputs != "exact" and (isinstance(outputs, bool) or not isinstance(outputs, int)):
-        raise TypeError(f"outputs must be 'exact' or a positive int, got {outputs!r}")
-    if isinstance(outputs, int) and outputs < 1:
-        raise ValueError(f"outputs must be a positive number of projections, got {outputs}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    projections = OutputProjections(agop_outputs, random_state)
+    check_number(batch_size, "batch_size", integer=True, low=1)
     n, D = X.shape[0], X[0].numel()
-    projections: torch.Tensor | None = None
     grad_sum = outer = None
     for start in range(0, n, batch_size):
         Xb = X[start : start + batch_size]
         out, vjp_fn = torch.func.vjp(lambda inputs: _as_matrix(fn(inputs)), Xb)
-        if projections is None:
-            projections = _output_projections(outputs, out.shape[1], out, random_state)
-            grad_sum = torch.zeros(projections.shape[0], D, dtype=out.dtype, device=out.device)
+        cotangents = projections.cotangents(Xb.shape[0], out.shape[1], out)
+        if outer is None:
+            grad_sum = torch.zeros(cotangents.shape[0], D, dtype=out.dtype, device=out.device)
             outer = torch.zeros(D, D, dtype=out.dtype, device=out.device)
-        cotangents = projections[:, None, :].expand(-1, Xb.shape[0], -1)
         (grads,) = torch.func.vmap(vjp_fn)(cotangents)  # (k, b, ...)
-        flat = grads.reshape(projections.shape[0], Xb.shape[0], D)
+        flat = grads.reshape(cotangents.shape[0], Xb.shape[0], D)
         grad_sum += flat.sum(dim=1)
         rows = flat.reshape(-1, D)
         outer += rows.T @ rows
@@ -242,14 +319,3 @@ def _as_matrix(out: torch.Tensor) -> torch.Tensor:
     if out.ndim != 2:
         raise ValueError(f"fn must return outputs of shape (batch, c) or (batch,), got {out.shape}")
     return out
-
-
-def _output_projections(
-    outputs: Literal["exact"] | int, c: int, like: torch.Tensor, random_state: int | None
-) -> torch.Tensor:
-    """(k, c) cotangent directions: the identity (exact) or Gaussian vectors scaled by 1/√k."""
-    if outputs == "exact":
-        return torch.eye(c, dtype=like.dtype, device=like.device)
-    generator = seeded_generator(random_state)
-    draws = torch.randn(outputs, c, generator=generator, dtype=like.dtype)
-    return (draws / outputs**0.5).to(like.device)

@@ -1,13 +1,15 @@
 """Closed-form kernel AGOP against torch.func autograd; the generic AGOP against jacrev."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import direct_sq_distances, random_psd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deeprfm.agop import agop, kernel_agop, normalize_matrix, psd_power
+from deeprfm.agop import DEFAULT_PROJECTIONS, agop, kernel_agop, normalize_matrix, psd_power
 from deeprfm.kernels import GaussianKernel, GeneralizedLaplaceKernel, LaplaceKernel
+from deeprfm.probes import NeuralProbe
 
 KERNELS = [LaplaceKernel(2.0), GaussianKernel(1.5), GeneralizedLaplaceKernel(2.5, 0.6)]
 
@@ -94,17 +96,55 @@ def test_random_projection_agop_is_unbiased_and_converges():
 
     exact = agop(fn, X)
     errors = [
-        (agop(fn, X, outputs=k, random_state=0) - exact).norm() / exact.norm() for k in (4, 400)
+        (agop(fn, X, agop_outputs=k, random_state=0) - exact).norm() / exact.norm()
+        for k in (4, 400)
     ]
     assert errors[1] < errors[0] and errors[1] < 0.15
 
 
+def test_random_projections_are_drawn_per_sample_whatever_the_batching():
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(6, 30, generator=g, dtype=torch.float64)
+    X = torch.randn(50, 6, generator=g, dtype=torch.float64)
+
+    def fn(x):
+        return torch.tanh(x @ W)
+
+    estimates = [
+        agop(fn, X, agop_outputs=3, random_state=7, batch_size=size) for size in (1, 7, 50)
+    ]
+    for estimate in estimates[1:]:
+        torch.testing.assert_close(estimate, estimates[0], rtol=1e-12, atol=1e-12)
+    other_seed = agop(fn, X, agop_outputs=3, random_state=8)
+    assert (other_seed - estimates[0]).norm() > 1e-3 * estimates[0].norm()
+    # "random" is DEFAULT_PROJECTIONS projections
+    torch.testing.assert_close(
+        agop(fn, X, agop_outputs="random", random_state=7),
+        agop(fn, X, agop_outputs=DEFAULT_PROJECTIONS, random_state=7),
+    )
+
+
+def test_the_probe_draws_the_same_projections_as_agop():
+    g = torch.Generator().manual_seed(6)
+    layer = torch.nn.Linear(5, 40, bias=False).double()
+    X = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    expected = agop(layer, X, agop_outputs=4, random_state=3, batch_size=8)
+    probe = NeuralProbe(layer, agop_outputs=4, random_state=3, collapse=False, nfm=False)
+    batches = [X[i : i + 11] for i in range(0, 30, 11)]
+    measured = probe.measure(batches)["layers/model"]["agop"].values
+    np.testing.assert_allclose(measured, expected.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
 def test_generic_agop_bad_arguments():
     X = torch.randn(4, 3)
-    with pytest.raises(ValueError, match="outputs"):
-        agop(lambda x: x, X, outputs=0)
-    with pytest.raises(TypeError, match="outputs"):
-        agop(lambda x: x, X, outputs="random")
+    with pytest.raises(ValueError, match="agop_outputs"):
+        agop(lambda x: x, X, agop_outputs=0)
+    with pytest.raises(ValueError, match="agop_outputs"):
+        agop(lambda x: x, X, agop_outputs="some")
+    with pytest.raises(TypeError, match="agop_outputs"):
+        agop(lambda x: x, X, agop_outputs=2.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        agop(lambda x: x, X, batch_size=0)
     with pytest.raises(ValueError, match="fn must return"):
         agop(lambda x: x[:, :, None], X)
 

@@ -7,8 +7,8 @@ gradient pass and the AGOP sums), :mod:`.stages` and :mod:`.collapse` (the colla
 orchestrates them.
 """
 
+from deeprfm.agop import DEFAULT_PROJECTIONS
 from deeprfm.probes.batches import PAIR_BATCH_SIZE
-from deeprfm.probes.gradients import DEFAULT_PROJECTIONS
 from deeprfm.probes.probe import NeuralProbe
 
 __all__ = ["DEFAULT_PROJECTIONS", "PAIR_BATCH_SIZE", "NeuralProbe"]

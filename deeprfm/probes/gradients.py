@@ -23,33 +23,17 @@ from torch import nn
 
 from analysis._common import user_stacklevel
 from deeprfm._memory import rows_per_block
-from deeprfm._validation import check_number
+from deeprfm.agop import OutputProjections
 from deeprfm.probes.batches import PassRecord
 from deeprfm.probes.hooks import forward_hooks, shared_layer_error
 from deeprfm.probes.layers import ProbedLayer, module_matrix
 
-__all__ = ["DEFAULT_PROJECTIONS", "GradientPass", "GradientSum", "check_projections"]
+__all__ = ["GradientPass", "GradientSum"]
 
 logger = logging.getLogger("deeprfm")
 
-#: Number of random projections of the outputs that ``agop_outputs="random"`` uses.
-DEFAULT_PROJECTIONS = 16
 #: Activation-sized buffers per cotangent during a batched backward pass (estimate).
 BACKWARD_BUFFERS = 4
-
-
-def check_projections(agop_outputs: Any) -> int | None:
-    """Number of random projections of the outputs; None for the exact AGOP."""
-    if isinstance(agop_outputs, str):
-        if agop_outputs == "exact":
-            return None
-        if agop_outputs == "random":
-            return DEFAULT_PROJECTIONS
-        raise ValueError(
-            f"agop_outputs: expected 'exact', 'random' or a positive int, got {agop_outputs!r}"
-        )
-    check_number(agop_outputs, "agop_outputs", integer=True, low=1)
-    return int(agop_outputs)
 
 
 class GradientSum:
@@ -107,21 +91,18 @@ class GradientPass:
         Each layer's matrix form (:func:`deeprfm.probes.layers.matrix_form`).
     budget : int
         Memory budget in bytes for a chunk of cotangents and the gradient products.
-    projections : int or None
-        Random projections of the outputs, or None for one cotangent per output.
-    generator : torch.Generator
-        Draws the projections.
+    projections : OutputProjections
+        The cotangents of the outputs (exact, or random projections).
     """
 
     def __init__(
         self,
         forms: dict[str, str],
         budget: int,
-        projections: int | None,
-        generator: torch.Generator,
+        projections: OutputProjections,
     ) -> None:
         self.forms, self.budget = forms, budget
-        self.projections, self.generator = projections, generator
+        self.projections = projections
         self.layers: list[ProbedLayer] = []
         self.batched = True  # batched backward (is_grads_batched) until it proves unsupported
         self.chunk_cap = math.inf  # cotangents per backward, lowered after an out-of-memory
@@ -180,15 +161,6 @@ class GradientPass:
                 self.backpropagate(f, deltas, sums)
         return sums, record
 
-    def cotangents(self, f: torch.Tensor) -> torch.Tensor:
-        """(m, b, c): unit vectors of the outputs (exact) or scaled Gaussian projections."""
-        b, c = f.shape
-        m = self.projections
-        if m is None:
-            return torch.eye(c, dtype=f.dtype, device=f.device)[:, None, :].expand(c, b, c)
-        draws = torch.randn((m, b, c), generator=self.generator, dtype=torch.float64)
-        return (draws / math.sqrt(m)).to(dtype=f.dtype, device=f.device)
-
     def backpropagate(
         self, f: torch.Tensor, deltas: dict[str, torch.Tensor], sums: dict[str, GradientSum]
     ) -> None:
@@ -197,7 +169,7 @@ class GradientPass:
         inputs = [deltas[layer.name] for layer in layers]
         if not f.requires_grad:  # no selected layer influences the output
             return
-        cotangents = self.cotangents(f)
+        cotangents = self.projections.cotangents(*f.shape, f)
         per_cotangent = BACKWARD_BUFFERS * sum(t.numel() for t in inputs) * f.element_size()
         start = 0
         while start < cotangents.shape[0]:

@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 
 from analysis._common import user_stacklevel
 from deeprfm._memory import memory_budget, resolve_device
-from deeprfm._validation import check_bool, check_number, seeded_generator
+from deeprfm._validation import check_bool, check_number
+from deeprfm.agop import OutputProjections, check_agop_outputs
 from deeprfm.probes.batches import PassRecord, Source, convert_batch
 from deeprfm.probes.collapse import collapse_passes
-from deeprfm.probes.gradients import GradientPass, GradientSum, check_projections
+from deeprfm.probes.gradients import GradientPass, GradientSum
 from deeprfm.probes.hooks import evaluation_mode
 from deeprfm.probes.layers import (
     LayerSelection,
@@ -85,7 +86,9 @@ class NeuralProbe:
         ``"exact"``: one cotangent per model output. An int ``m`` (``"random"``:
         :data:`DEFAULT_PROJECTIONS`): ``m`` Gaussian projections ``v ~ N(0, I/m)`` of the
         outputs, drawn afresh for every sample; unbiased since ``E[Σ_j Jᵀv_j v_jᵀJ] = JᵀJ``.
-        Cheaper than exact when ``m`` is below the number of outputs (ImageNet heads).
+        Cheaper than exact when ``m`` is below the number of outputs (ImageNet heads). The same
+        parameter and draws as :func:`deeprfm.agop` (:class:`deeprfm.agop.OutputProjections`):
+        the estimate depends on ``random_state``, not on the batch size.
     centered_nfm : bool, default False
         Use ``(W − W₀)ᵀ(W − W₀)`` as the NFM; ``W₀`` from ``init_weights``, or else the weights
         at the time the probe is constructed (build the probe before training).
@@ -176,7 +179,7 @@ class NeuralProbe:
             check_bool(value, name)
         if not (agop or nfm or collapse):
             raise ValueError("agop, nfm, collapse: at least one of them must be True")
-        projections = check_projections(agop_outputs)
+        projections = check_agop_outputs(agop_outputs)
         stages = check_stages(stages)
         if output_stage not in OUTPUT_STAGES:
             raise ValueError(f"output_stage: expected one of {OUTPUT_STAGES}, got {output_stage!r}")
@@ -324,7 +327,7 @@ class _Measurement:
         self.forms = {layer.name: matrix_form(layer, self.budget) for layer in self.layers}
         self.first_forward = True
         self.timings: dict[str, float] = {}
-        self.generator = seeded_generator(settings.random_state)
+        self.projections = OutputProjections(settings.agop_outputs, settings.random_state)
 
     # ------------------------------------------------------------------ driver
     def run(self) -> xr.DataTree:
@@ -341,7 +344,7 @@ class _Measurement:
         sums: dict[str, GradientSum] = {}
         record, positions = None, {}
         if settings.agop:
-            gradients = GradientPass(self.forms, self.budget, settings.projections, self.generator)
+            gradients = GradientPass(self.forms, self.budget, self.projections)
             sums, record = self._timed(
                 "gradients", gradients.run, self.layers, self.batches, self.forward
             )
