@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from deeprfm.distributed import shard_rows
+
 try:  # numpy >= 2 moved the implementation to numpy._core
     from numpy._core.multiarray import _reconstruct as _np_reconstruct
 except ImportError:  # numpy 1.x
@@ -137,6 +139,7 @@ def load_dataset(
     flatten: bool = True,
     unit_scale: bool = True,
     random_state: int | np.random.Generator | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Load an image-classification dataset from a local folder (never downloads).
 
@@ -170,6 +173,12 @@ def load_dataset(
     random_state : int, numpy.random.Generator or None, default None
         Seed or generator for the subset drawn when ``n`` is given; ``None`` draws a fresh one.
         It does not affect the digits train/test split.
+    shard : (rank, world_size), optional
+        Return only this rank's shard of the rows (after the subset of ``n``): the contiguous
+        near-equal shards of :func:`deeprfm.distributed.shard_rows`, which together hold every
+        row once, for data-parallel fits (``deeprfm.load_dataset(..., shard=(dist.get_rank(),
+        dist.get_world_size()))``). With ``n``, give an int ``random_state`` so that every rank
+        draws the same subset. Each rank reads the split's files whole.
 
     Returns
     -------
@@ -217,6 +226,12 @@ def load_dataset(
     if root is not None and not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"root must be a path (str or os.PathLike) or None; got {root!r}")
     rng = _make_rng(random_state)
+    if shard is not None:
+        _check_shard(shard)
+        if n is not None and not isinstance(random_state, (int, np.integer)):
+            raise ValueError(
+                "shard with n needs an int random_state, so that every rank draws the same subset"
+            )
 
     if name == "digits":
         images, labels, pixel_max = _load_digits(split)
@@ -234,12 +249,28 @@ def load_dataset(
         keep = _balanced_subset(labels, n, rng)
         images, labels = images[keep], labels[keep]
 
+    if shard is not None:
+        rows = shard_rows(len(labels), *shard)
+        images, labels = images[rows], labels[rows]
     X = np.ascontiguousarray(images, dtype=np.float32)
     if unit_scale:
         X /= np.float32(pixel_max)
     if flatten:
         X = X.reshape(len(X), -1)
     return X, labels.astype(np.int64)
+
+
+def _check_shard(shard: object) -> None:
+    """Raise TypeError/ValueError unless ``shard`` is a pair (rank, world_size) of ints with
+    0 <= rank < world_size."""
+    if not isinstance(shard, tuple) or len(shard) != 2:
+        raise TypeError(f"shard must be a pair (rank, world_size) or None; got {shard!r}")
+    for value in shard:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"shard must hold two ints (rank, world_size); got {shard!r}")
+    rank, world_size = shard
+    if not 0 <= rank < world_size:
+        raise ValueError(f"shard: rank must lie in [0, world_size); got {shard!r}")
 
 
 def _make_rng(random_state: object) -> np.random.Generator:
