@@ -317,6 +317,19 @@ def test_bad_data_is_refused(digits):
     np.testing.assert_array_equal(X_train[:50], before)
 
 
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"metric_update": "agop", "n_centres": None}, "metric_update='agop' with m=200000"),
+        ({"batch_size": 200_000, "n_centres": None}, "a gradient step on batch_size=200000"),
+    ],
+)
+def test_steps_too_large_for_memory_are_refused_before_allocating(params, match):
+    X = np.random.default_rng(0).standard_normal((200_000, 2), dtype=np.float32)
+    with pytest.raises(MemoryError, match=match):
+        HyperBFRegressor(device="cpu", **params).fit(X, X[:, 0])
+
+
 def test_objective_is_the_mean_squared_error_plus_penalty():
     X, Y, net = _random_network(n=20, m=5, d=3, k=2, rank=None, seed=7)
     kernel = GaussianKernel(BANDWIDTH)
