@@ -251,11 +251,19 @@ class _BaseHyperBF(BaseEstimator):
         progress = tqdm(range(settings.epochs + 1), desc="HyperBF", disable=not self.verbose)
         for epoch in progress:
             start = time.perf_counter()
-            update(epoch, fitted)
-            if X.device.type == "cuda":
-                torch.cuda.synchronize(X.device)
-            trained = time.perf_counter()
-            loss, fitted = objective(kernel, X, Y, net, self.reg, self.penalty, self.memory_gb)
+            try:
+                update(epoch, fitted)
+                if X.device.type == "cuda":
+                    torch.cuda.synchronize(X.device)
+                trained = time.perf_counter()
+                loss, fitted = objective(kernel, X, Y, net, self.reg, self.penalty, self.memory_gb)
+            except ValueError as error:
+                # epoch 0 scored the inputs themselves: a later overflow comes from the descent
+                if epoch == 0 or self.metric_update != "gd":
+                    raise
+                raise self._diverged(epoch, str(error)) from error
+            if not np.isfinite(loss):
+                raise self._diverged(epoch, f"the objective is {loss}")
             scores = {"train_loss": loss} | self._scores(check_outputs(fitted), Y, "train")
             if validation is not None:
                 predicted = outputs(kernel, validation[0], net, self.memory_gb)
@@ -270,6 +278,15 @@ class _BaseHyperBF(BaseEstimator):
         self.W_ = net.W.cpu().numpy().astype(np.float64)
         self.M_ = self.W_.T @ self.W_
         self.history_ = self._history(rows)
+
+    def _diverged(self, epoch: int, detail: str) -> ValueError:
+        """The error of a fit whose parameters stopped being finite, with its likely cause."""
+        cause = (
+            f"gradient descent diverged: lower learning_rate={self.learning_rate:g}"
+            if self.metric_update == "gd"
+            else "the metric or the coefficients overflowed: check the inputs' scale and reg"
+        )
+        return ValueError(f"{cause} (epoch {epoch}: {detail})")
 
     def _gradient_epoch(
         self,

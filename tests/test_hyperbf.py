@@ -309,6 +309,8 @@ def test_bad_data_is_refused(digits):
         model.fit(X_train[:50], y_train[:50] % 3, eval_set=(X_test[:5], y_test[:5] + 20))
     with pytest.raises(ValueError, match="overflow float32"):
         model.fit(X_train[:50] * 1e30, y_train[:50])
+    with pytest.raises(ValueError, match="diverged: lower learning_rate=1e\\+06"):
+        HyperBFClassifier(epochs=3, optimizer="sgd", learning_rate=1e6).fit(X_train, y_train)
     fitted = model.fit(X_train[:50], y_train[:50])
     with pytest.raises(ValueError, match="features"):
         fitted.predict(X_test[:, :10])
