@@ -5,6 +5,7 @@ The estimators follow scikit-learn's conventions and compute with torch on the C
 
 from deeprfm.agop import agop, kernel_agop, normalize_matrix, psd_power
 from deeprfm.deep import DeepRFM
+from deeprfm.hyperbf import HyperBFClassifier, HyperBFRegressor
 from deeprfm.kernels import (
     GaussianKernel,
     GeneralizedLaplaceKernel,
@@ -21,6 +22,8 @@ __all__ = [
     "DeepRFM",
     "GaussianKernel",
     "GeneralizedLaplaceKernel",
+    "HyperBFClassifier",
+    "HyperBFRegressor",
     "Kernel",
     "LaplaceKernel",
     "ModelFileError",

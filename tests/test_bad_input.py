@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import analysis
-from deeprfm import DeepRFM, RFMClassifier, RFMRegressor
+from deeprfm import DeepRFM, HyperBFClassifier, RFMClassifier, RFMRegressor
 from deeprfm.data import load_dataset
 from deeprfm.kernels import LaplaceKernel, sq_distances
 from deeprfm.probes import NeuralProbe
@@ -111,6 +111,16 @@ BAD_CALLS = {
         lambda: DirectSolver().solve(LaplaceKernel(), np.ones((4, 2)), torch.ones(4, 1)),
         TypeError,
         "X must be a torch.Tensor",
+    ),
+    "HyperBF with an unknown metric update": (
+        lambda: HyperBFClassifier(metric_update="newton").fit(X, Y),
+        ValueError,
+        "metric_update must be one of \\('gd', 'agop'\\)",
+    ),
+    "HyperBF fit on inputs that overflow float32": (
+        lambda: HyperBFClassifier(epochs=1, n_centres=20).fit(X * 1e30, Y),
+        ValueError,
+        "overflow float32",
     ),
     "probe pair of different lengths": (
         lambda: NeuralProbe(torch.nn.Linear(64, 10)).measure(
