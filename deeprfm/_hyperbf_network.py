@@ -33,7 +33,7 @@ from analysis import psd_power
 from deeprfm._memory import kernel_block_budget, rows_per_block
 from deeprfm.agop import kernel_agop
 from deeprfm.kernels import Kernel, sq_distances
-from deeprfm.solvers.direct import _pseudo_inverse_solve
+from deeprfm.solvers.direct import pseudo_inverse_solve
 
 __all__ = [
     "OPTIMIZERS",
@@ -274,7 +274,7 @@ def solve_coefficients(
     if int(info) == 0:
         solution = torch.cholesky_solve(rhs, factor)
     else:
-        solution = _pseudo_inverse_solve(gram, rhs).alpha
+        solution = pseudo_inverse_solve(gram, rhs).alpha
     return (solution if basis is None else basis @ solution).to(X.dtype)
 
 

@@ -18,14 +18,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import xarray as xr
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+from sklearn.utils.validation import check_array, check_is_fitted
 from tqdm.auto import tqdm
 
+from deeprfm._classes import TARGET_CODES
 from deeprfm._diagnostics import check_outputs, next_metric
 from deeprfm._hyperbf_network import (
     OPTIMIZERS,
@@ -39,14 +41,25 @@ from deeprfm._hyperbf_network import (
     predictor_agop,
     solve_coefficients,
 )
-from deeprfm._memory import check_fits, memory_budget, resolve_device, resolve_dtype
+from deeprfm._memory import Compute, check_fits, check_memory_gb, resolve_device, resolve_dtype
 from deeprfm._records import labelled_record
-from deeprfm._targets import ClassCodeTargets, RealTargets
-from deeprfm._validation import as_numpy, check_bool, check_number, seeded_generator, to_tensor
-from deeprfm.agop import _NORMALIZATIONS
-from deeprfm.kernels import Kernel, make_kernel
+from deeprfm._targets import SCORE_ATTRS, ClassCodeTargets, RealTargets
+from deeprfm._validation import (
+    Constraint,
+    Flag,
+    Number,
+    OneOf,
+    Rule,
+    check_params,
+    estimator_inputs,
+    eval_set_inputs,
+    seeded_generator,
+    to_tensor,
+)
+from deeprfm.agop import NORMALIZATIONS
+from deeprfm.kernels import KERNELS, Kernel, make_kernel
 from deeprfm.persist import params_json
-from deeprfm.rfm import check_eval_set, metric_bytes
+from deeprfm.rfm import metric_bytes
 
 __all__ = ["HyperBFClassifier", "HyperBFRegressor"]
 
@@ -55,23 +68,10 @@ METRIC_UPDATES = ("gd", "agop")
 #: ``epochs=None``: passes over the data ("gd") or AGOP updates ("agop").
 DEFAULT_EPOCHS = {"gd": 100, "agop": 5}
 
-_HISTORY_ATTRS = {
+_HISTORY_ATTRS = SCORE_ATTRS | {
     "train_loss": (
         "training objective",
         "J = (1/n)(sum over training points of |f(x) - y|^2 + reg * P(c)), P the penalty",
-    ),
-    "train_acc": (
-        "training accuracy",
-        "fraction of training points whose argmax output is the label",
-    ),
-    "eval_acc": (
-        "eval_set accuracy",
-        "fraction of eval_set points whose argmax output is the label",
-    ),
-    "train_mse": ("training mean squared error", "mean over points and outputs of (f(x) - y)^2"),
-    "eval_mse": (
-        "eval_set mean squared error",
-        "mean over eval_set points and outputs of (f(x) - y)^2",
     ),
     "train_seconds": (
         "seconds of training",
@@ -89,87 +89,62 @@ class _Settings:
     epochs: int
 
 
+@dataclass(eq=False, repr=False)
 class _BaseHyperBF(BaseEstimator):
-    """Shared fitting of :class:`HyperBFRegressor` and :class:`HyperBFClassifier`."""
+    """Shared fitting of :class:`HyperBFRegressor` and :class:`HyperBFClassifier`; the
+    constructor is generated from the fields, ``_constraints`` is the table of what each
+    parameter admits (checked in ``fit``)."""
 
-    def __init__(
-        self,
-        kernel: str | Kernel = "gaussian",
-        bandwidth: float = 10.0,
-        exponent: float = 1.0,
-        n_centres: int | None = 1000,
-        rank: int | None = None,
-        metric_update: str = "gd",
-        epochs: int | None = None,
-        optimizer: str = "adam",
-        learning_rate: float = 1e-2,
-        batch_size: int = 128,
-        moving_centres: bool = True,
-        reg: float = 1e-3,
-        penalty: str = "l2",
-        agop_power: float = 1.0,
-        normalize: str | None = "max",
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | str = torch.float32,
-        memory_gb: float | None = None,
-        random_state: int | None = None,
-        verbose: bool = False,
-    ) -> None:
-        self.kernel = kernel
-        self.bandwidth = bandwidth
-        self.exponent = exponent
-        self.n_centres = n_centres
-        self.rank = rank
-        self.metric_update = metric_update
-        self.epochs = epochs
-        self.optimizer = optimizer
-        self.learning_rate = learning_rate
-        self.batch_size = batch_size
-        self.moving_centres = moving_centres
-        self.reg = reg
-        self.penalty = penalty
-        self.agop_power = agop_power
-        self.normalize = normalize
-        self.device = device
-        self.dtype = dtype
-        self.memory_gb = memory_gb
-        self.random_state = random_state
-        self.verbose = verbose
+    kernel: str | Kernel = "gaussian"
+    bandwidth: float = 10.0
+    exponent: float = 1.0
+    n_centres: int | None = 1000
+    rank: int | None = None
+    metric_update: str = "gd"
+    epochs: int | None = None
+    optimizer: str = "adam"
+    learning_rate: float = 1e-2
+    batch_size: int = 128
+    moving_centres: bool = True
+    reg: float = 1e-3
+    penalty: str = "l2"
+    agop_power: float = 1.0
+    normalize: str | None = "max"
+    device: str | torch.device | None = None
+    dtype: torch.dtype | str = torch.float32
+    memory_gb: float | None = None
+    random_state: int | None = None
+    verbose: bool = False
 
-    # -- scores (a classifier adds its accuracy, deeprfm._targets) ----------------------
-
-    def _scores(self, predicted: torch.Tensor, targets: torch.Tensor, prefix: str) -> dict:
-        """Metrics of outputs (m, k) against encoded targets (m, k)."""
-        return {f"{prefix}_mse": float(((predicted - targets) ** 2).mean())}
+    _constraints: ClassVar[dict[str, Constraint]] = {
+        "kernel": OneOf(tuple(KERNELS), types=(Kernel,)),
+        "bandwidth": Number(low=0, low_inclusive=False),
+        "exponent": Number(low=0, low_inclusive=False, high=2),
+        "n_centres": Number(integer=True, low=1, optional=True),
+        "rank": Number(integer=True, low=1, optional=True),
+        "metric_update": OneOf(METRIC_UPDATES),
+        "epochs": Number(integer=True, low=0, optional=True),
+        "optimizer": OneOf(tuple(OPTIMIZERS)),
+        "learning_rate": Number(low=0, low_inclusive=False),
+        "batch_size": Number(integer=True, low=1),
+        "moving_centres": Flag(),
+        "reg": Number(low=0),
+        "penalty": OneOf(PENALTIES),
+        "agop_power": Number(low=0, low_inclusive=False),
+        "normalize": OneOf(NORMALIZATIONS),
+        "device": Rule(resolve_device),
+        "dtype": Rule(resolve_dtype),
+        "memory_gb": Rule(check_memory_gb),
+        "verbose": Flag(),
+    }
 
     # -- fitting -------------------------------------------------------------------------
 
     def _check_params(self, n_features: int) -> _Settings:
-        """Every parameter checked once, with an error naming it; the kernel and epochs."""
-        for name, choices in (
-            ("metric_update", METRIC_UPDATES),
-            ("optimizer", tuple(OPTIMIZERS)),
-            ("penalty", PENALTIES),
-        ):
-            if not isinstance(getattr(self, name), str) or getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        if self.normalize not in _NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {_NORMALIZATIONS}, got {self.normalize!r}")
-        for name in ("n_centres", "rank", "epochs"):
-            if getattr(self, name) is not None:
-                check_number(
-                    getattr(self, name), name, integer=True, low=0 if name == "epochs" else 1
-                )
+        """Every parameter checked against ``_constraints``; the kernel and epochs."""
+        check_params(self, self._constraints)
         if self.rank is not None and self.rank > n_features:
             raise ValueError(f"rank must be at most n_features={n_features}, got {self.rank}")
-        check_number(self.batch_size, "batch_size", integer=True, low=1)
-        check_number(self.learning_rate, "learning_rate", low=0, low_inclusive=False)
-        check_number(self.reg, "reg", low=0)
-        check_number(self.agop_power, "agop_power", low=0, low_inclusive=False)
-        if self.memory_gb is not None:
-            check_number(self.memory_gb, "memory_gb", low=0, low_inclusive=False)
-        for flag in ("moving_centres", "verbose"):
-            check_bool(getattr(self, flag), flag)
         epochs = DEFAULT_EPOCHS[self.metric_update] if self.epochs is None else self.epochs
         return _Settings(make_kernel(self.kernel, self.bandwidth, self.exponent), epochs)
 
@@ -189,32 +164,33 @@ class _BaseHyperBF(BaseEstimator):
         -------
         self
         """
-        device, dtype = resolve_device(self.device), resolve_dtype(self.dtype)
+        compute = Compute.resolve(self.device, self.dtype, self.memory_gb)
         regressor = isinstance(self, RegressorMixin)
-        X, y = validate_data(
+        # the network copies the centres it keeps: X itself is only read
+        X, y = estimator_inputs(
             self,
-            as_numpy(X),
-            as_numpy(y),
-            dtype=[np.float64, np.float32],
-            multi_output=regressor,
-            y_numeric=regressor,
+            X,
+            y,
+            device=compute.device,
+            dtype=compute.dtype,
+            reset=True,
+            y_check={"multi_output": regressor, "y_numeric": regressor},
         )
         settings = self._check_params(X.shape[1])
         if regressor:
             y = check_array(y, ensure_2d=False, input_name="y", dtype=np.float64)
-        Y = to_tensor(self._encode_targets(y), device, dtype)
+        Y = to_tensor(self._encode_targets(y), compute.device, compute.dtype)
         validation = None
         if eval_set is not None:
-            X_val, y_val = check_eval_set(eval_set, self.n_features_in_)
-            validation = (
-                to_tensor(X_val, device, dtype),
-                to_tensor(self._encode_eval_targets(y_val), device, dtype),
+            X_val, y_val = eval_set_inputs(
+                eval_set, self.n_features_in_, compute.device, compute.dtype
             )
-        # the network copies the centres it keeps: X itself is only read
-        self._fit_tensors(settings, to_tensor(X, device, dtype), Y, validation)
+            targets = self._encode_eval_targets(y_val)
+            validation = (X_val, to_tensor(targets, compute.device, compute.dtype))
+        self._fit_tensors(settings, X, Y, validation, compute)
         return self
 
-    def _check_memory(self, X: torch.Tensor, m: int) -> None:
+    def _check_memory(self, X: torch.Tensor, m: int, compute: Compute) -> None:
         """Refuse (or warn about) the unblocked temporaries of one epoch, before it starts."""
         d, itemsize = X.shape[1], X.element_size()
         rkhs = m * m * itemsize * 5 if self.penalty == "rkhs" and self.reg else 0
@@ -226,7 +202,7 @@ class _BaseHyperBF(BaseEstimator):
             needed = 2 * 8 * m * m + metric_bytes(d) + rkhs
             what = f"metric_update='agop' with m={m} centres (two m x m float64 matrices)"
             advice = "use fewer n_centres or a larger memory_gb"
-        check_fits(needed, memory_budget(self.memory_gb, X.device), X.device, what, advice)
+        check_fits(needed, compute.budget, compute.device, what, advice)
 
     def _fit_tensors(
         self,
@@ -234,19 +210,21 @@ class _BaseHyperBF(BaseEstimator):
         X: torch.Tensor,
         Y: torch.Tensor,
         validation: tuple[torch.Tensor, torch.Tensor] | None,
+        compute: Compute,
     ) -> None:
         """The epochs on validated tensors X (n, d) and targets Y (n, k) on one device."""
+        memory_gb = compute.memory_gb  # one budget for every computation of this fit
         generator = seeded_generator(self.random_state)
         # AGOP(f) of f(x) = g(Wx) lies in the row space of W: a random rank-r W₀ would confine
         # every later metric to it, so "agop" starts from W₀ = I and truncates its updates
         start_rank = self.rank if self.metric_update == "gd" else None
         net = initial_network(X, Y.shape[1], self.n_centres, start_rank, generator)
-        self._check_memory(X, net.centres.shape[0])
+        self._check_memory(X, net.centres.shape[0], compute)
         kernel = settings.kernel
         if self.metric_update == "gd":
             update = self._gradient_epoch(kernel, X, Y, net, generator)
         else:
-            update = self._agop_epoch(kernel, X, Y, net)
+            update = self._agop_epoch(kernel, X, Y, net, memory_gb)
         rows, fitted = [], None
         progress = tqdm(range(settings.epochs + 1), desc="HyperBF", disable=not self.verbose)
         for epoch in progress:
@@ -256,7 +234,7 @@ class _BaseHyperBF(BaseEstimator):
                 if X.device.type == "cuda":
                     torch.cuda.synchronize(X.device)
                 trained = time.perf_counter()
-                loss, fitted = objective(kernel, X, Y, net, self.reg, self.penalty, self.memory_gb)
+                loss, fitted = objective(kernel, X, Y, net, self.reg, self.penalty, memory_gb)
             except ValueError as error:
                 # epoch 0 scored the inputs themselves: a later overflow comes from the descent
                 if epoch == 0 or self.metric_update != "gd":
@@ -266,7 +244,7 @@ class _BaseHyperBF(BaseEstimator):
                 raise self._diverged(epoch, f"the objective is {loss}")
             scores = {"train_loss": loss} | self._scores(check_outputs(fitted), Y, "train")
             if validation is not None:
-                predicted = outputs(kernel, validation[0], net, self.memory_gb)
+                predicted = outputs(kernel, validation[0], net, memory_gb)
                 scores |= self._scores(predicted, validation[1], "eval")
             end = time.perf_counter()
             rows.append(scores | {"train_seconds": trained - start, "seconds": end - start})
@@ -318,14 +296,14 @@ class _BaseHyperBF(BaseEstimator):
         return update
 
     def _agop_epoch(
-        self, kernel: Kernel, X: torch.Tensor, Y: torch.Tensor, net: Network
+        self, kernel: Kernel, X: torch.Tensor, Y: torch.Tensor, net: Network, memory_gb: float
     ) -> Callable[[int, torch.Tensor | None], None]:
         """Epoch 0: solve for c. Later epochs: M ← normalize(AGOP^p), W from M, solve for c."""
 
         def update(epoch: int, fitted: torch.Tensor | None) -> None:
             if epoch > 0:
                 M = next_metric(
-                    predictor_agop(kernel, X, net, self.memory_gb),
+                    predictor_agop(kernel, X, net, memory_gb),
                     self.agop_power,
                     self.normalize,
                     kernel=kernel,
@@ -335,7 +313,7 @@ class _BaseHyperBF(BaseEstimator):
                     reg=self.reg,
                 )
                 net.W = metric_factor(M, self.rank)
-            net.coef = solve_coefficients(kernel, X, Y, net, self.reg, self.penalty, self.memory_gb)
+            net.coef = solve_coefficients(kernel, X, Y, net, self.reg, self.penalty, memory_gb)
 
         return update
 
@@ -354,12 +332,12 @@ class _BaseHyperBF(BaseEstimator):
     def _outputs(self, X) -> torch.Tensor:
         """Network outputs (m, k) at new points, as a tensor on the fitted device."""
         check_is_fitted(self, "coef_")
-        X = validate_data(self, as_numpy(X), reset=False, dtype=[np.float64, np.float32])
         net = self._network
-        Z = to_tensor(X, net.coef.device, net.coef.dtype)
+        Z, _ = estimator_inputs(self, X, device=net.coef.device, dtype=net.coef.dtype, reset=False)
         return check_outputs(outputs(self.kernel_, Z, net, self.memory_gb))
 
 
+@dataclass(eq=False, repr=False)
 class HyperBFRegressor(RegressorMixin, RealTargets, _BaseHyperBF):
     """HyperBF network for regression, its metric learned by gradient descent or AGOP.
 
@@ -436,6 +414,7 @@ class HyperBFRegressor(RegressorMixin, RealTargets, _BaseHyperBF):
     """
 
 
+@dataclass(eq=False, repr=False)
 class HyperBFClassifier(ClassifierMixin, ClassCodeTargets, _BaseHyperBF):
     """HyperBF network for classification: regression on class codes, argmax prediction.
 
@@ -454,50 +433,8 @@ class HyperBFClassifier(ClassifierMixin, ClassCodeTargets, _BaseHyperBF):
         ``eval_acc``, and its MSEs are against the ``targets`` codes.
     """
 
-    def __init__(
-        self,
-        kernel: str | Kernel = "gaussian",
-        bandwidth: float = 10.0,
-        exponent: float = 1.0,
-        n_centres: int | None = 1000,
-        rank: int | None = None,
-        metric_update: str = "gd",
-        epochs: int | None = None,
-        optimizer: str = "adam",
-        learning_rate: float = 1e-2,
-        batch_size: int = 128,
-        moving_centres: bool = True,
-        reg: float = 1e-3,
-        penalty: str = "l2",
-        agop_power: float = 1.0,
-        normalize: str | None = "max",
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | str = torch.float32,
-        memory_gb: float | None = None,
-        random_state: int | None = None,
-        verbose: bool = False,
-        targets: str = "onehot",
-    ) -> None:
-        super().__init__(
-            kernel=kernel,
-            bandwidth=bandwidth,
-            exponent=exponent,
-            n_centres=n_centres,
-            rank=rank,
-            metric_update=metric_update,
-            epochs=epochs,
-            optimizer=optimizer,
-            learning_rate=learning_rate,
-            batch_size=batch_size,
-            moving_centres=moving_centres,
-            reg=reg,
-            penalty=penalty,
-            agop_power=agop_power,
-            normalize=normalize,
-            device=device,
-            dtype=dtype,
-            memory_gb=memory_gb,
-            random_state=random_state,
-            verbose=verbose,
-        )
-        self.targets = targets
+    targets: str = "onehot"
+
+    _constraints: ClassVar[dict[str, Constraint]] = _BaseHyperBF._constraints | {
+        "targets": OneOf(TARGET_CODES)
+    }

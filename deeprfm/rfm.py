@@ -21,17 +21,11 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted
 from tqdm.auto import tqdm
 
-from deeprfm._classes import (
-    TARGET_CODES,
-    check_classes,
-    class_codes,
-    decision_scores,
-    encode_labels,
-    known_labels,
-)
+from deeprfm._classes import TARGET_CODES
 from deeprfm._diagnostics import check_coefficients, check_outputs, next_metric
 from deeprfm._memory import Compute, check_fits, check_memory_gb, resolve_device, resolve_dtype
 from deeprfm._records import labelled_record
+from deeprfm._targets import SCORE_ATTRS, ClassCodeTargets, RealTargets
 from deeprfm._validation import (
     Constraint,
     Flag,
@@ -61,20 +55,7 @@ __all__ = ["RFMClassifier", "RFMRegressor"]
 
 logger = logging.getLogger("deeprfm")
 
-_METRIC_ATTRS = {
-    "train_acc": (
-        "training accuracy",
-        "fraction of training points whose argmax output is the label",
-    ),
-    "eval_acc": (
-        "eval_set accuracy",
-        "fraction of eval_set points whose argmax output is the label",
-    ),
-    "train_mse": ("training mean squared error", "mean over points and outputs of (f(x) - y)^2"),
-    "eval_mse": (
-        "eval_set mean squared error",
-        "mean over eval_set points and outputs of (f(x) - y)^2",
-    ),
+_METRIC_ATTRS = SCORE_ATTRS | {
     "solve_seconds": ("seconds in the kernel solve", "wall-clock seconds to fit alpha"),
     "agop_seconds": ("seconds in the AGOP", "wall-clock seconds to compute the next metric M"),
     "seconds": ("seconds per iteration", "wall-clock seconds of the whole iteration"),
@@ -143,15 +124,7 @@ class _BaseRFM(BaseEstimator):
         "copy_X": Flag(),
     }
 
-    # -- what classifier and regressor do differently ------------------------------------
-
-    def _encode_targets(self, y: np.ndarray) -> np.ndarray:
-        """Training targets (n, c) as floats; sets the target attributes (``classes_``)."""
-        raise NotImplementedError
-
-    def _scores(self, outputs: torch.Tensor, targets: torch.Tensor, prefix: str) -> dict:
-        """Metrics of predictions (m, c) against encoded targets (m, c)."""
-        return {f"{prefix}_mse": float(((outputs - targets) ** 2).mean())}
+    # -- what classifier and regressor do differently (besides deeprfm._targets) ---------
 
     def _preference(self, scores: dict[str, float]) -> tuple:
         """Sort key of a candidate on validation scores: larger is better."""
@@ -218,10 +191,6 @@ class _BaseRFM(BaseEstimator):
             )
         self._fit_tensors(kernel, X, Y, validation, M0, compute)
         return self
-
-    def _encode_eval_targets(self, y: np.ndarray) -> np.ndarray:
-        targets = np.asarray(y, dtype=np.float64)
-        return targets[:, None] if targets.ndim == 1 else targets
 
     def _fit_tensors(
         self,
@@ -403,7 +372,7 @@ def _format_scores(row: dict) -> str:
 
 
 @dataclass(eq=False, repr=False)
-class RFMRegressor(RegressorMixin, _BaseRFM):
+class RFMRegressor(RegressorMixin, RealTargets, _BaseRFM):
     """Recursive Feature Machine for regression (single or multiple outputs).
 
     Parameters
@@ -464,36 +433,9 @@ class RFMRegressor(RegressorMixin, _BaseRFM):
     n_features_in_ : int
     """
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.target_tags.multi_output = True
-        return tags
-
-    def _encode_targets(self, y: np.ndarray) -> np.ndarray:
-        self._single_output = y.ndim == 1
-        return self._encode_eval_targets(y)
-
-    def _target_config(self) -> dict:
-        return {"single_output": self._single_output}
-
-    def _set_target_config(self, config: dict) -> None:
-        if not isinstance(config["single_output"], bool):
-            raise TypeError(
-                f"targets single_output must be a bool, got {config['single_output']!r}"
-            )
-        self._single_output = config["single_output"]
-
-    def _target_sizes(self) -> dict[str, int]:
-        return {"c": 1} if self._single_output else {}
-
-    def predict(self, X) -> np.ndarray:
-        """Predicted targets, shape (n_samples,) or (n_samples, n_outputs)."""
-        outputs = self._outputs(X).cpu().numpy().astype(np.float64)
-        return outputs[:, 0] if self._single_output else outputs
-
 
 @dataclass(eq=False, repr=False)
-class RFMClassifier(ClassifierMixin, _BaseRFM):
+class RFMClassifier(ClassifierMixin, ClassCodeTargets, _BaseRFM):
     """Recursive Feature Machine for classification (kernel regression on class codes).
 
     Parameters are those of :class:`RFMRegressor`, and:
@@ -518,35 +460,5 @@ class RFMClassifier(ClassifierMixin, _BaseRFM):
         "targets": OneOf(TARGET_CODES)
     }
 
-    def _encode_targets(self, y: np.ndarray) -> np.ndarray:
-        self.classes_, encoded = encode_labels(y)
-        return class_codes(encoded, len(self.classes_), self.targets)
-
-    def _encode_eval_targets(self, y: np.ndarray) -> np.ndarray:
-        return class_codes(known_labels(y, self.classes_), len(self.classes_), self.targets)
-
-    def _target_config(self) -> dict:
-        return {"classes": self.classes_.tolist()}
-
-    def _set_target_config(self, config: dict) -> None:
-        self.classes_ = check_classes(config["classes"])
-
-    def _target_sizes(self) -> dict[str, int]:
-        return {"c": len(self.classes_)}
-
-    def _scores(self, outputs: torch.Tensor, targets: torch.Tensor, prefix: str) -> dict:
-        accuracy = (outputs.argmax(dim=1) == targets.argmax(dim=1)).double().mean()
-        return {f"{prefix}_acc": float(accuracy)} | super()._scores(outputs, targets, prefix)
-
     def _preference(self, scores: dict[str, float]) -> tuple:
         return (scores["eval_acc"], -scores["eval_mse"])
-
-    def decision_function(self, X) -> np.ndarray:
-        """Predictor outputs: shape (n_samples, n_classes), or (n_samples,) for two classes
-        (positive favours ``classes_[1]``)."""
-        return decision_scores(self._outputs(X))
-
-    def predict(self, X) -> np.ndarray:
-        """Predicted labels, shape (n_samples,)."""
-        winners = self._outputs(X).argmax(dim=1).cpu().numpy()
-        return self.classes_[winners]

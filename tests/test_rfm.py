@@ -18,7 +18,15 @@ from sklearn.utils.estimator_checks import check_estimator
 import deeprfm._memory
 import deeprfm._validation
 import deeprfm.rfm
-from deeprfm import DeepRFM, LaplaceKernel, ModelFileError, RFMClassifier, RFMRegressor
+from deeprfm import (
+    DeepRFM,
+    HyperBFClassifier,
+    HyperBFRegressor,
+    LaplaceKernel,
+    ModelFileError,
+    RFMClassifier,
+    RFMRegressor,
+)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +169,7 @@ def test_one_memory_budget_per_fit(digits, monkeypatch):
 
 
 def test_every_parameter_has_a_constraint():
-    for Estimator in (RFMClassifier, RFMRegressor, DeepRFM):
+    for Estimator in (RFMClassifier, RFMRegressor, DeepRFM, HyperBFClassifier, HyperBFRegressor):
         params = set(Estimator().get_params(deep=False))
         constrained = set(Estimator._constraints)
         assert constrained <= params

@@ -59,7 +59,7 @@ class DirectSolver(KernelSolver):
         )
         K = kernel(X, X, M, memory_gb=self.memory_gb)
         if reg == 0:
-            return _pseudo_inverse_solve(K, Y)
+            return pseudo_inverse_solve(K, Y)
         factor, status = _add_ridge_and_factor(K, reg)
         if int(status) != 0 and K.dtype == torch.float32:
             logger.info("float32 Cholesky of K + reg·I failed; recomputing K in float64")
@@ -108,7 +108,9 @@ def _cholesky_solve(
     return KernelFit(alpha, Y - (reg + jitter) * alpha, info)
 
 
-def _pseudo_inverse_solve(K: torch.Tensor, Y: torch.Tensor) -> KernelFit:
+def pseudo_inverse_solve(K: torch.Tensor, Y: torch.Tensor) -> KernelFit:
+    """The minimum-norm least-squares solution of K α = Y for a symmetric K (n, n), through
+    ``eigh`` with eigenvalues below n·ε of the largest dropped; ``info["rank"]`` is the rank."""
     values, vectors = torch.linalg.eigh(K)
     cutoff = values.abs().max() * K.shape[0] * torch.finfo(K.dtype).eps
     kept = vectors[:, values > cutoff]
