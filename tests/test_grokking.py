@@ -94,3 +94,8 @@ def test_rfm_groks_modular_addition():
     np.testing.assert_array_equal(train_acc, 1.0)  # interpolated throughout
     assert test_acc[:6].max() <= 2 / p  # no better than chance for several iterations,
     assert test_acc[-1] >= 0.9  # then it generalises
+    # the a–b block of M is circulant: M[i, p + j] is a function of (i − j) mod p
+    block = model.M_[:p, p:]
+    diagonal = np.subtract.outer(np.arange(p), np.arange(p)) % p
+    circulant = np.array([block[diagonal == k].mean() for k in range(p)])[diagonal]
+    assert ((block - circulant) ** 2).sum() <= 0.1 * ((block - block.mean()) ** 2).sum()
