@@ -99,7 +99,13 @@ class AGOPFeatureSelector(SelectorMixin, BaseEstimator):
     True
     """
 
-    def __init__(self, estimator=None, M=None, threshold: float | None = None, k=None) -> None:
+    def __init__(
+        self,
+        estimator: BaseEstimator | None = None,
+        M: Any = None,
+        threshold: float | None = None,
+        k: int | None = None,
+    ) -> None:
         self.estimator = estimator
         self.M = M
         self.threshold = threshold
@@ -148,6 +154,7 @@ class AGOPFeatureSelector(SelectorMixin, BaseEstimator):
             if self.estimator is not None:
                 raise ValueError("give either M or estimator, not both")
             metric = check_square_matrix(self.M, "M", n_features)
+            self.__dict__.pop("estimator_", None)  # from an earlier fit with an estimator
         else:
             if y is None:
                 raise ValueError(

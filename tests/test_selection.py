@@ -72,9 +72,10 @@ def test_threshold_and_k_select_by_the_scores(fitted):
 
 def test_a_given_metric_needs_no_target():
     M = np.diag(np.arange(1.0, 11.0))
-    selector = AGOPFeatureSelector(M=M, k=2).fit(np.ones((4, 10)))
+    selector = AGOPFeatureSelector(RFMRegressor(iters=0)).fit(np.eye(10), np.arange(10.0))
+    selector.set_params(estimator=None, M=M, k=2).fit(np.ones((4, 10)))
     assert selector.get_support(indices=True).tolist() == [8, 9]
-    assert not hasattr(selector, "estimator_")
+    assert not hasattr(selector, "estimator_")  # no stale estimator of the earlier fit
 
 
 def test_rfm_t_pipeline_in_a_grid_search(digits_small):
