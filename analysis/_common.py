@@ -51,3 +51,12 @@ def named_items(items: Any, what: str) -> tuple[list[Hashable], list[Any]]:
     if not values:
         raise ValueError(f"{what}: expected at least one entry, got none")
     return names, values
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot``, imported when a plot is drawn (the ``plot`` extra)."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("plotting needs matplotlib: pip install 'deeprfm[plot]'") from err
+    return plt

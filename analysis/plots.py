@@ -13,18 +13,12 @@ import numpy as np
 import torch
 import xarray as xr
 
+from analysis._common import pyplot
+
 __all__ = ["plot_collapse", "plot_matrix"]
 
 _MAX_LEGEND_LINES = 12
 _LINESTYLES = ("-", "--", ":", "-.")
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("plotting needs matplotlib: pip install 'deeprfm[plot]'") from err
-    return plt
 
 
 def plot_collapse(ds: xr.Dataset, metrics: Sequence[str] = ("nc1", "nc2"), ax: Any = None) -> Any:
@@ -58,7 +52,7 @@ def plot_collapse(ds: xr.Dataset, metrics: Sequence[str] = ("nc1", "nc2"), ax: A
     no_layer = [m for m in metrics if "layer" not in ds[m].dims]
     if no_layer:
         raise ValueError(f"ds: variable(s) {no_layer} have no 'layer' dimension")
-    plt = _pyplot()
+    plt = pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4), layout="constrained")
 
@@ -156,7 +150,7 @@ def plot_matrix(
     if m.dtype.kind not in "biuf":
         raise TypeError(f"matrix: expected real numbers, got dtype {m.dtype}")
     m = m.astype(np.float64)
-    plt = _pyplot()
+    plt = pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 4), layout="constrained")
     finite = m[np.isfinite(m)]

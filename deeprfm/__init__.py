@@ -15,10 +15,12 @@ from deeprfm.kernels import (
 )
 from deeprfm.persist import ModelFileError
 from deeprfm.rfm import RFMClassifier, RFMRegressor
+from deeprfm.selection import AGOPFeatureSelector
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGOPFeatureSelector",
     "DeepRFM",
     "GaussianKernel",
     "GeneralizedLaplaceKernel",

@@ -56,8 +56,13 @@ def next_metric(
         The AGOP (or its power) is zero: the fitted predictor is constant; the message names
         the parameter that is likely the cause.
     """
-    # AGOP^1 is the AGOP: no eigendecomposition to clamp its round-off (d³ per iteration)
-    powered = agop if power == 1 else psd_power(agop, power)
+    # AGOP^1 is the AGOP unless rounding (float32 products M · S · M) left it indefinite, which
+    # would make kernel matrices indefinite too: its eigenvalues (eigvalsh, a third of an eigh)
+    # decide whether it needs the clamp of psd_power
+    if power == 1 and float(torch.linalg.eigvalsh(agop.double())[0]) >= 0:
+        powered = agop
+    else:
+        powered = psd_power(agop, power)
     if not bool(torch.isfinite(powered).all()):
         raise ValueError(
             f"agop_power={power:g}: AGOP^{power:g} is not finite (the AGOP's largest eigenvalue "

@@ -207,6 +207,21 @@ def seeded_generator(random_state: int | None) -> torch.Generator:
     return generator
 
 
+def numpy_generator(random_state: object) -> np.random.Generator:
+    """A ``numpy.random.Generator`` from an int seed, a generator or None (fresh), validated."""
+    if isinstance(random_state, np.random.Generator) or random_state is None:
+        return np.random.default_rng(random_state)
+    if isinstance(random_state, (bool, np.bool_)) or not isinstance(
+        random_state, (int, np.integer)
+    ):
+        raise TypeError(
+            f"random_state must be an int, a numpy.random.Generator or None; got {random_state!r}"
+        )
+    if random_state < 0:
+        raise ValueError(f"random_state must be a non-negative int; got {random_state}")
+    return np.random.default_rng(int(random_state))
+
+
 # -- inputs of the estimators ----------------------------------------------------------------
 
 

@@ -17,6 +17,9 @@ expected and how to obtain it.
 The CIFAR-10 batches are pickles. They are read with an unpickler that refuses every global
 except the three numpy reconstruction helpers an array needs, so a tampered file cannot run code;
 the unpickled structure is then validated (keys, dtypes, shapes, label range).
+
+Generated tasks need no files: `modular_arithmetic` (from :mod:`deeprfm.modular`, re-exported
+here) builds (a ∘ b) mod p on one-hot pairs, the grokking setting.
 """
 
 from __future__ import annotations
@@ -32,14 +35,24 @@ from typing import Any
 
 import numpy as np
 
+from deeprfm._validation import numpy_generator
 from deeprfm.distributed import shard_rows
+from deeprfm.modular import MODULAR_OPERATIONS, ModularSplit, modular_arithmetic
 
 try:  # numpy >= 2 moved the implementation to numpy._core
     from numpy._core.multiarray import _reconstruct as _np_reconstruct
 except ImportError:  # numpy 1.x
     from numpy.core.multiarray import _reconstruct as _np_reconstruct
 
-__all__ = ["DATASETS", "DATA_ENV_VAR", "default_root", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "DATA_ENV_VAR",
+    "MODULAR_OPERATIONS",
+    "ModularSplit",
+    "default_root",
+    "load_dataset",
+    "modular_arithmetic",
+]
 
 #: Names accepted by `load_dataset`.
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "mnist", "svhn")
@@ -225,7 +238,7 @@ def load_dataset(
             raise TypeError(f"{flag} must be a bool; got {value!r}")
     if root is not None and not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"root must be a path (str or os.PathLike) or None; got {root!r}")
-    rng = _make_rng(random_state)
+    rng = numpy_generator(random_state)
     if shard is not None:
         _check_shard(shard)
         if n is not None and not isinstance(random_state, (int, np.integer)):
@@ -271,21 +284,6 @@ def _check_shard(shard: object) -> None:
     rank, world_size = shard
     if not 0 <= rank < world_size:
         raise ValueError(f"shard: rank must lie in [0, world_size); got {shard!r}")
-
-
-def _make_rng(random_state: object) -> np.random.Generator:
-    """Validate ``random_state`` and turn it into a generator."""
-    if isinstance(random_state, np.random.Generator) or random_state is None:
-        return np.random.default_rng(random_state)
-    if isinstance(random_state, (bool, np.bool_)) or not isinstance(
-        random_state, (int, np.integer)
-    ):
-        raise TypeError(
-            f"random_state must be an int, a numpy.random.Generator or None; got {random_state!r}"
-        )
-    if random_state < 0:
-        raise ValueError(f"random_state must be a non-negative int; got {random_state}")
-    return np.random.default_rng(int(random_state))
 
 
 def _balanced_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

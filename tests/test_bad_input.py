@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import analysis
-from deeprfm import DeepRFM, HyperBFClassifier, RFMClassifier, RFMRegressor
-from deeprfm.data import load_dataset
+from deeprfm import AGOPFeatureSelector, DeepRFM, HyperBFClassifier, RFMClassifier, RFMRegressor
+from deeprfm.data import load_dataset, modular_arithmetic
 from deeprfm.kernels import LaplaceKernel, sq_distances
 from deeprfm.probes import NeuralProbe
 from deeprfm.solvers import DirectSolver, EigenProSolver, make_solver
@@ -95,6 +95,21 @@ BAD_CALLS = {
         "agop_power=20: AGOP\\^20 is not finite",
     ),
     "make_solver with n < 1": (lambda: make_solver("auto", -5), ValueError, "n must be >= 1"),
+    "feature selector with both threshold and k": (
+        lambda: AGOPFeatureSelector(threshold=0.1, k=5).fit(X, Y),
+        ValueError,
+        "threshold and k are mutually exclusive",
+    ),
+    "feature selector with a metric of the wrong shape": (
+        lambda: AGOPFeatureSelector(M=np.eye(3)).fit(X),
+        ValueError,
+        "M must have shape \\(64, 64\\)",
+    ),
+    "modular division by a non-prime modulus": (
+        lambda: modular_arithmetic(12, op="div"),
+        ValueError,
+        "p must be prime for op='div'",
+    ),
     "EigenPro on empty X": (
         lambda: EigenProSolver().solve(LaplaceKernel(), torch.zeros(0, 3), torch.zeros(0, 1)),
         ValueError,

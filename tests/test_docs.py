@@ -16,6 +16,7 @@ PUBLIC_MODULES = [
     "deeprfm.solvers",
     "deeprfm.features",
     "deeprfm.data",
+    "deeprfm.selection",
     "deeprfm.probes",
     "analysis",
 ]
@@ -39,9 +40,9 @@ def test_public_name_is_in_the_api_reference_with_a_docstring(module, name, obj)
 
 def test_guide_pages_exist_and_links_resolve():
     index = (DOCS / "index.md").read_text()
-    pages = ("install", "quickstart", "rfm", "eigenpro", "deep_rfm", "probes", "collapse", "data",
-             "cli", "performance", "api", "reproducing", "errors", "design", "hyperbf",
-             "hyperbf_vs_rfm")  # fmt: skip
+    pages = ("install", "quickstart", "rfm", "feature_selection", "grokking", "eigenpro",
+             "deep_rfm", "probes", "collapse", "data", "cli", "performance", "api", "reproducing",
+             "errors", "design", "hyperbf", "hyperbf_vs_rfm")  # fmt: skip
     for page in pages:
         assert f"({page}.md)" in index
     for path in DOCS.glob("*.md"):

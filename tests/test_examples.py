@@ -29,6 +29,7 @@ EXPECTED_FILES = {
     "probe_training.py": {"collapse_curves.nc", "probe_final.nc", "collapse_curves.png"},
     "reproduce_dnc.py": {"deep_rfm_collapse.nc", "mlp_stages.nc", "tables.md"},
     "hyperbf_vs_rfm.py": {"results.csv", "correlations.csv", "metrics.nc"},
+    "grokking_modular.py": {"history.nc", "grokking_curve.png", "agop_blocks.png"},
 }
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

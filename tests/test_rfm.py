@@ -343,3 +343,14 @@ def test_load_never_executes_pickled_code(tmp_path):
         RFMClassifier.load(tmp_path / "bad.pt")
     assert isinstance(info.value.__cause__, pickle.UnpicklingError)
     assert not marker.exists()
+
+
+def test_a_float32_agop_made_indefinite_by_rounding_is_clamped():
+    # float32 rounding of M · S · M once left M with an eigenvalue of -1.4e-5 of its largest
+    # here, the Laplace kernel matrix indefinite, and the direct solve failing
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 50))
+    y = X[:, 3] + X[:, 17] - X[:, 42]
+    model = RFMRegressor(iters=5, device="cpu").fit(X, y)
+    assert np.linalg.eigvalsh(model.M_)[0] >= -1e-6 * np.abs(model.M_).max()
+    assert model.score(X, y) > 0.9
